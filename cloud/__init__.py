@@ -1,0 +1,1 @@
+"""Off-device tooling: model building, package signing, deploy, local AWS stand-in."""

@@ -1,0 +1,1 @@
+"""windedge edge agent: a wire-compatible SageMaker Edge Agent on ONNX Runtime."""

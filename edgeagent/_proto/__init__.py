@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/agent.proto (do not edit; run scripts/gen-proto.sh)."""

@@ -1,0 +1,1 @@
+"""windedge detection daemon: sensor streams to anomaly verdicts."""

@@ -1,0 +1,41 @@
+"""edgectl: the operator CLI (composition root of the command line).
+
+Thin subcommands over the public APIs of windedge's packages. Every failure
+ends with one clear line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from edgeagent.errors import AgentError
+from edgectl.commands import models, package
+from edgectl.errors import CommandError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgectl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models.add_parser(sub)
+    package.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (CommandError, AgentError) as exc:
+        kind = type(exc).__name__.removesuffix("Error") or "Error"
+        print(f"edgectl: {kind}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
