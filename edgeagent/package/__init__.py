@@ -1,0 +1,102 @@
+"""The model package format: manifest, signing, verification, safe extraction.
+
+A package is ``<name>-<version>.tar.gz`` holding manifest.json, manifest.sig
+(Ed25519 over the exact manifest bytes), model.onnx and golden/{input,expected}.npy.
+See docs/ARCHITECTURE.md, "Model package format".
+
+- The agent verifies an unpacked directory at load time: :func:`verify_package_dir`.
+- The OTA updater checks and unpacks an archive: :func:`extract_package`
+  (or :func:`verify_package_archive` to check without writing).
+- The build side makes packages: :func:`build_package`, :func:`generate_keypair`.
+"""
+
+from edgeagent.package.archive import DEFAULT_LIMITS, ExtractLimits
+from edgeagent.package.build import (
+    archive_name,
+    build_package,
+    golden_inputs_like,
+    inspect_package,
+    read_manifest_bytes,
+    sha256_of,
+)
+from edgeagent.package.errors import (
+    GoldenCheckError,
+    InsufficientSpaceError,
+    KeyFileError,
+    PackageError,
+    PackageExistsError,
+    PackageInvalidError,
+    PackageNotFoundError,
+    PackageSignatureError,
+)
+from edgeagent.package.extract import (
+    check_free_space,
+    extract_package,
+    free_bytes,
+    verify_package_archive,
+)
+from edgeagent.package.golden import check_golden, load_golden, model_specs, run_model
+from edgeagent.package.manifest import (
+    FORMAT_VERSION,
+    FileEntry,
+    GoldenCheck,
+    Manifest,
+    TensorEntry,
+    version_key,
+)
+from edgeagent.package.paths import MANIFEST_NAME, SIGNATURE_NAME, is_safe_relpath, split_relpath
+from edgeagent.package.signing import (
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    load_trusted_keys,
+    sign,
+    verify_signature,
+)
+from edgeagent.package.verify import verify_package_dir
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "SIGNATURE_NAME",
+    "ExtractLimits",
+    "FileEntry",
+    "GoldenCheck",
+    "GoldenCheckError",
+    "InsufficientSpaceError",
+    "KeyFileError",
+    "Manifest",
+    "PackageError",
+    "PackageExistsError",
+    "PackageInvalidError",
+    "PackageNotFoundError",
+    "PackageSignatureError",
+    "TensorEntry",
+    "archive_name",
+    "build_package",
+    "check_free_space",
+    "check_golden",
+    "extract_package",
+    "free_bytes",
+    "generate_keypair",
+    "golden_inputs_like",
+    "inspect_package",
+    "is_safe_relpath",
+    "key_id",
+    "load_golden",
+    "load_private_key",
+    "load_public_key",
+    "load_trusted_keys",
+    "model_specs",
+    "read_manifest_bytes",
+    "run_model",
+    "sha256_of",
+    "sign",
+    "split_relpath",
+    "verify_package_archive",
+    "verify_package_dir",
+    "verify_signature",
+    "version_key",
+]
