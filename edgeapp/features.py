@@ -62,6 +62,7 @@ __all__ = [
     "raw_to_features",
     "denoise",
     "prepare_windows",
+    "windows_from_features",
     "feature_means",
     "score",
 ]
@@ -650,22 +651,48 @@ def prepare_windows(raw: ArrayLike, params: PreprocessingParams) -> NDArray[np.f
     (normally ``params.buffer``). The denoising runs over all n samples. Maths in
     float64, output float32. Non-finite samples only spoil their own turbine's output.
     """
-    array = _as_raw(raw)
+    return _prepare(_as_raw(raw), params, from_raw=True)
+
+
+def windows_from_features(features: ArrayLike, params: PreprocessingParams) -> NDArray[np.float32]:
+    """Like ``prepare_windows``, from features ``(n, 6)`` or ``(T, n, 6)`` (steps 2-4).
+
+    For buffers that keep converted samples (``raw_to_features`` once per sample
+    on arrival) instead of converting the whole buffer at every tick.
+    """
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim not in (2, 3) or array.shape[-1] != N_FEATURES:
+        raise InputShapeError(
+            f"features must have shape (n, {N_FEATURES}) or (T, n, {N_FEATURES}) with columns "
+            f"{', '.join(FEATURES)}; got {array.shape}"
+        )
+    return _prepare(array, params, from_raw=False)
+
+
+def _prepare(
+    array: NDArray[np.float64], params: PreprocessingParams, *, from_raw: bool
+) -> NDArray[np.float32]:
     single = array.ndim == 2
     batch = array[None] if single else array
     n_turbines, n, _ = batch.shape
     if n < params.keep:
         raise InputShapeError(f"need at least {params.keep} samples per buffer, got {n}")
-    out = np.empty((n_turbines, params.n_windows, N_FEATURES, params.window), dtype=np.float32)
-    if n > _MAX_PLAN_SAMPLES:
-        _windows_by_pywt(batch, params, out)
+    if n > _MAX_PLAN_SAMPLES or n_turbines == 0:
+        out = np.empty((n_turbines, params.n_windows, N_FEATURES, params.window), np.float32)
+        if n_turbines:
+            _windows_by_pywt(raw_to_features(batch) if from_raw else batch, params, out)
+        shape = (n_turbines, params.n_windows, *params.input_shape)
     else:
         fast = _fast_path(params, n)
-        # Chunks of turbines keep the temporaries in cache for large fleets.
-        for begin in range(0, n_turbines, _CHUNK_TURBINES):
-            chunk = slice(begin, begin + _CHUNK_TURBINES)
-            _windows_by_plan(batch[chunk], fast, out[chunk])
-    shaped = out.reshape(n_turbines, params.n_windows, *params.input_shape)
+        out = np.empty((n_turbines, *fast.out_shape), dtype=np.float32)
+        if n_turbines <= _CHUNK_TURBINES:
+            _windows_by_plan(batch, fast, out, from_raw=from_raw)
+        else:  # chunks of turbines keep the temporaries in cache for large fleets
+            for begin in range(0, n_turbines, _CHUNK_TURBINES):
+                chunk = slice(begin, begin + _CHUNK_TURBINES)
+                _windows_by_plan(batch[chunk], fast, out[chunk], from_raw=from_raw)
+        shape = (n_turbines, *fast.model_shape)
+    shaped = out.reshape(shape)
     return shaped[0] if single else shaped
 
 
@@ -680,6 +707,8 @@ class _FastPath:
     std: NDArray[np.float64]  # (6, 1)
     n_windows: int
     window: int
+    out_shape: tuple[int, int, int]  # (W, 6, window)
+    model_shape: tuple[int, int, int, int]  # (W, 6, side, side)
 
 
 def _fast_path(params: PreprocessingParams, n: int) -> _FastPath:
@@ -703,6 +732,8 @@ def _fast_path(params: PreprocessingParams, n: int) -> _FastPath:
             std=params.std_array[:, None],
             n_windows=params.n_windows,
             window=params.window,
+            out_shape=(params.n_windows, N_FEATURES, params.window),
+            model_shape=(params.n_windows, *params.input_shape),
         )
         if len(cache) >= _MAX_FAST_PATHS:  # callers varying n: stay bounded
             cache.clear()
@@ -710,13 +741,19 @@ def _fast_path(params: PreprocessingParams, n: int) -> _FastPath:
     return fast
 
 
-def _windows_by_plan(batch: NDArray[np.float64], fast: _FastPath, out: NDArray[np.float32]) -> None:
-    """Steps 1-4 for ``(T, n, 7)`` buffers into ``out`` ``(T, W, 6, window)``, with a plan."""
+def _windows_by_plan(
+    batch: NDArray[np.float64], fast: _FastPath, out: NDArray[np.float32], *, from_raw: bool
+) -> None:
+    """Steps 1-4 for ``(T, n, 7)`` raw buffers (or 2-4 for ``(T, n, 6)`` features) into
+    ``out`` ``(T, W, 6, window)``, with a plan."""
     n_turbines, n, _ = batch.shape
     plan = fast.plan
     # Step 1, only for the samples that reach a window, in feature-major rows.
     rows = np.empty((n_turbines, N_FEATURES, n - plan.first), dtype=np.float64)
-    _features_into(batch[:, plan.first :, :], rows)
+    if from_raw:
+        _features_into(batch[:, plan.first :, :], rows)
+    else:
+        rows[...] = batch[:, plan.first :, :].transpose(0, 2, 1)
     flat = rows.reshape(n_turbines * N_FEATURES, -1)
     # Step 2: analysis, soft threshold, synthesis of the window samples only.
     parts = [flat[:, block.first - plan.first :] @ block.matrix for block in plan.analysis]
@@ -729,9 +766,9 @@ def _windows_by_plan(batch: NDArray[np.float64], fast: _FastPath, out: NDArray[n
 def _windows_by_pywt(
     batch: NDArray[np.float64], params: PreprocessingParams, out: NDArray[np.float32]
 ) -> None:
-    """Steps 1-4 through the full-length PyWavelets path (long buffers)."""
+    """Steps 2-4 for ``(T, n, 6)`` features through the full-length PyWavelets path."""
     n = batch.shape[1]
-    denoised = denoise(raw_to_features(batch), params)[:, n - params.keep :, :]
+    denoised = denoise(batch, params)[:, n - params.keep :, :]
     tail = np.moveaxis(denoised, -1, -2)  # (T, 6, keep)
     starts = range(0, params.keep - params.window, params.step)
     series = np.stack([tail[:, :, s : s + params.window] for s in starts], axis=2)

@@ -339,6 +339,20 @@ def test_non_default_window_and_step(
     np.testing.assert_allclose(got, ref_windows(raw, params), rtol=0, atol=TOL)
 
 
+def test_windows_from_features_equal_prepare_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = turbine_buffers(np.random.default_rng(10), 3)
+    feats = features.raw_to_features(raw)
+    want = prepare_windows(raw, DEFAULT)
+    np.testing.assert_allclose(features.windows_from_features(feats, DEFAULT), want, atol=1e-6)
+    np.testing.assert_allclose(
+        features.windows_from_features(feats[0], DEFAULT), want[0], atol=1e-6
+    )
+    monkeypatch.setattr(features, "_MAX_PLAN_SAMPLES", 300)
+    np.testing.assert_allclose(features.windows_from_features(feats, DEFAULT), want, atol=TOL)
+    with pytest.raises(InputShapeError, match="columns"):
+        features.windows_from_features(raw, DEFAULT)
+
+
 def test_denoise_matches_reference() -> None:
     raw = turbine_buffers(np.random.default_rng(11), 2, n=333)
     feats = features.raw_to_features(raw)
