@@ -143,7 +143,10 @@ def _as_floats(key: str, value: object) -> tuple[float, ...]:
     for item in items:
         if isinstance(item, bool | np.bool_) or not isinstance(item, int | float | np.number):
             raise PreprocessingError(key, f"expected numbers, got {item!r}")
-        number = float(item)
+        try:
+            number = float(item)
+        except OverflowError:
+            number = math.inf
         if not math.isfinite(number):
             raise PreprocessingError(key, f"values must be finite, got {number!r}")
         out.append(number)
@@ -226,7 +229,8 @@ class PreprocessingParams:
     """Fault group name -> indices of the features whose anomaly raises it."""
 
     def __post_init__(self) -> None:
-        if tuple(self.features) != FEATURES:
+        names: object = self.features  # runtime values need not match the annotation
+        if isinstance(names, str) or not isinstance(names, Sequence) or tuple(names) != FEATURES:
             raise PreprocessingError(
                 "features", f"must be {list(FEATURES)} in that order, got {self.features!r}"
             )
@@ -275,6 +279,11 @@ class PreprocessingParams:
                 frozenset(self.fault_groups.items()),
             )
         )
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        # Through the block: mapping proxies do not pickle, and the lazily built
+        # fast paths are better rebuilt than shipped.
+        return (PreprocessingParams.from_block, (self.to_block(),))
 
     # ---- manifest block
 
@@ -417,13 +426,12 @@ def _euler_into(
     atan2(a, 0.5 - b): the textbook's factors of 2 are left out there.
     """
     x, y, z, w = quats[0], quats[1], quats[2], quats[3]
-    shape = (2, *x.shape)
     # numerators: w * (x, z) + y * (z, x)
     num = np.multiply(w, quats[0:3:2])
     num += y * quats[2::-2]
     # denominators: 0.5 - (x^2 + y^2, y^2 + z^2)
     squares = np.square(quats[:3])
-    den = np.add(squares[:2], squares[1:], out=np.empty(shape))
+    den = np.add(squares[:2], squares[1:])
     np.subtract(0.5, den, out=den)
     np.arctan2(num, den, out=roll_yaw)
     # pitch: asin(clip(2 (w y - z x), -1, 1))
@@ -437,8 +445,7 @@ def _euler_into(
 
 def _features_into(batch: NDArray[np.float64], out: NDArray[np.float64]) -> None:
     """Raw ``(T, m, 7)`` -> feature-major ``out`` ``(T, 6, m)``."""
-    quats = np.empty((4, *batch.shape[:2]), dtype=np.float64)
-    quats[...] = batch[..., :4].transpose(2, 0, 1)  # (np.moveaxis costs more than the copy)
+    quats = np.ascontiguousarray(batch[..., :4].transpose(2, 0, 1))  # (4, T, m)
     _euler_into(quats, out[:, 0:3:2].transpose(1, 0, 2), out[:, 1])
     out[:, 3:] = batch[..., 4:].transpose(0, 2, 1)
 

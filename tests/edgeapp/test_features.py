@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
 import math
+import pickle
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -156,6 +158,15 @@ def test_block_round_trip() -> None:
     assert other.keep == 105
 
 
+def test_params_pickle_and_copy() -> None:
+    prepare_windows(np.zeros((500, 7)), DEFAULT)  # fills the lazy caches
+    # ruff S301: the bytes come from pickle.dumps on the line itself, not from outside
+    unpickled = pickle.loads(pickle.dumps(DEFAULT))  # noqa: S301
+    for again in (unpickled, copy.deepcopy(DEFAULT)):
+        assert again == DEFAULT
+        assert again.fault_groups == DEFAULT.fault_groups
+
+
 def _bad(key: str, value: object) -> tuple[dict[str, Any], str]:
     block = DEFAULT.to_block()
     block[key] = value
@@ -171,6 +182,8 @@ BAD_BLOCKS = {
     "negative std": _bad("std", [1.0, 1, 1, -2.0, 1, 1]),
     "negative raw_std": _bad("raw_std", [1.0, 1, 1, -2.0, 1, 1]),
     "string in std": _bad("std", [1.0, 1, 1, "1", 1, 1]),
+    "huge int in mean": _bad("mean", [10**400, 1, 1, 1, 1, 1]),
+    "features not a list": _bad("features", 6),
     "std not a list": _bad("std", "1,1,1,1,1,1"),
     "bool window": _bad("window", True),
     "float window": _bad("window", 100.0),
