@@ -1,0 +1,208 @@
+"""The agent's settings: one typed object, parsed once at start.
+
+Sources, highest priority first: command-line flags, ``WINDEDGE_AGENT_*``
+environment variables, the configuration file, defaults. The file is TOML
+(``/etc/windedge/agent.toml``) or a SageMaker Edge Agent JSON config
+(``sagemaker_edge_core_*`` / ``sagemaker_edge_provider_*`` keys), which is
+mapped onto the same fields so an existing device's configuration keeps
+working.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = structlog.get_logger(__name__)
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment is invalid; the message says where."""
+
+
+class AgentSettings(BaseSettings):
+    """Settings of ``edge-agent``."""
+
+    model_config = SettingsConfigDict(env_prefix="WINDEDGE_AGENT_", extra="forbid", frozen=True)
+
+    socket: Path = Field(
+        Path("/run/windedge/agent.sock"), description="Unix socket the gRPC API listens on."
+    )
+    socket_group: str | None = Field(
+        None, description="Group that owns the socket (mode 0660); None keeps the process group."
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/windedge/agent"),
+        description="Where the record of loaded models (and the capture spool) lives.",
+    )
+    trusted_keys: Path | None = Field(
+        Path("/etc/windedge/keys"),
+        description="Directory of trusted Ed25519 package-signing public keys.",
+    )
+    require_signature: bool = Field(
+        True, description="Refuse packages whose manifest is not signed by a trusted key."
+    )
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per operator.")
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators.")
+    inference_chunk: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Largest batch handed to ONNX Runtime at once; bigger requests run in chunks, "
+            "which bounds the agent's memory at any batch size."
+        ),
+    )
+    max_batch: int = Field(4096, ge=1, description="Largest batch one Predict may carry.")
+    max_message_bytes: int = Field(
+        64 * MIB, ge=MIB, description="Largest gRPC message, in and out."
+    )
+    max_models: int = Field(16, ge=1, description="How many models may be loaded at once.")
+    workers: int = Field(8, ge=1, description="gRPC worker threads (concurrent requests).")
+    golden_check: bool = Field(
+        True, description="Run the package's golden input before a model serves."
+    )
+    log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
+
+    # identity used in captured records
+    device_id: str = Field("windedge-device", description="Device name in captured records.")
+    fleet_name: str = Field("windedge-fleet", description="Device fleet name in captured records.")
+
+    # data capture (the original agent's sagemaker_edge_core_capture_data_* keys)
+    capture_destination: Literal["Disk", "Cloud"] = Field(
+        "Disk", description="Where captured data goes: a local directory or S3."
+    )
+    capture_disk_path: Path | None = Field(
+        None, description="Destination directory for Disk captures (default: state_dir/captured)."
+    )
+    capture_buffer_size: int = Field(
+        1024, ge=1, description="Captures the spool holds before new ones are refused."
+    )
+    capture_batch_size: int = Field(64, ge=1, description="Records per uploaded batch.")
+    capture_push_period_seconds: float = Field(
+        4.0, gt=0, description="Longest a capture waits in the spool before a push."
+    )
+    capture_base64_embed_limit: int = Field(
+        3072, ge=0, description="Auxiliary payloads larger than this go to a side file."
+    )
+    capture_s3_bucket: str | None = Field(None, description="S3 bucket for Cloud captures.")
+    capture_prefix: str = Field("", description="Folder prefix of captured objects.")
+    capture_s3_endpoint: str | None = Field(
+        None, description="S3 endpoint URL (a local stand-in); None uses AWS."
+    )
+    capture_status_ttl_seconds: float = Field(
+        3600.0, gt=0, description="How long statuses of finished captures are remembered."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats what the file said (the file's values arrive as
+        # init arguments through load_settings).
+        return (env_settings, init_settings)
+
+
+# SageMaker Edge Agent JSON keys -> our fields. Keys the original needed for
+# services that no longer exist are accepted and ignored (logged once).
+SAGEMAKER_KEYS: dict[str, str] = {
+    "sagemaker_edge_core_device_name": "device_id",
+    "sagemaker_edge_core_device_fleet_name": "fleet_name",
+    "sagemaker_edge_core_capture_data_destination": "capture_destination",
+    "sagemaker_edge_core_capture_data_buffer_size": "capture_buffer_size",
+    "sagemaker_edge_core_capture_data_batch_size": "capture_batch_size",
+    "sagemaker_edge_core_capture_data_push_period_seconds": "capture_push_period_seconds",
+    "sagemaker_edge_core_capture_data_base64_embed_limit": "capture_base64_embed_limit",
+    "sagemaker_edge_core_capture_data_disk_path": "capture_disk_path",
+    "sagemaker_edge_provider_s3_bucket_name": "capture_s3_bucket",
+    "sagemaker_edge_core_folder_prefix": "capture_prefix",
+}
+SAGEMAKER_IGNORED: frozenset[str] = frozenset(
+    {
+        "sagemaker_edge_core_region",
+        "sagemaker_edge_core_root_certs_path",
+        "sagemaker_edge_provider_aws_ca_cert_file",
+        "sagemaker_edge_provider_aws_cert_file",
+        "sagemaker_edge_provider_aws_cert_pk_file",
+        "sagemaker_edge_provider_aws_iot_cred_endpoint",
+        "sagemaker_edge_provider_provider",
+        "sagemaker_edge_provider_provider_path",
+        "sagemaker_edge_log_verbose",
+        "sagemaker_edge_telemetry_libsystemd_path",
+    }
+)
+
+
+def map_sagemaker_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Translate a SageMaker Edge Agent JSON config into our field names."""
+    values: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        if key in SAGEMAKER_KEYS:
+            values[SAGEMAKER_KEYS[key]] = value
+        elif key == "sagemaker_edge_log_verbose":
+            values["log_level"] = "DEBUG" if value in (True, "true", "True") else "INFO"
+        elif key in SAGEMAKER_IGNORED:
+            continue
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"unknown SageMaker Edge Agent config keys: {', '.join(sorted(unknown))}")
+    return values
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML file, or a SageMaker Edge Agent JSON file (by content)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    if path.suffix == ".json" or text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        if any(k.startswith("sagemaker_edge_") for k in raw):
+            return map_sagemaker_config(raw)
+        return raw
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    # accept both a flat file and one with an [agent] table
+    agent = data.get("agent", data)
+    if not isinstance(agent, dict):
+        raise ConfigError(f"{path}: [agent] must be a table")
+    return dict(agent)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from file, environment and explicit overrides (flags), validated."""
+    values = read_config_file(config_file) if config_file is not None else {}
+    try:
+        settings = AgentSettings(**values)
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        if flags:
+            settings = AgentSettings.model_validate({**settings.model_dump(), **flags})
+            # model_validate re-reads the environment; the flags must win.
+            settings = settings.model_copy(update=flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid agent configuration: {problems}") from exc
+    return settings
