@@ -30,6 +30,7 @@ from edgeagent.runtime import RuntimeOptions
 from edgeagent.service import AgentService, PackageLoader
 from edgeagent.settings import AgentSettings, ConfigError, load_settings
 from edgecommon.logging import configure_logging
+from edgecommon.memory import tune_malloc
 from edgecommon.sdnotify import Notifier
 
 log = structlog.get_logger("edgeagent")
@@ -50,6 +51,7 @@ class AgentApp:
                 intra_op_threads=settings.intra_op_threads,
                 inter_op_threads=settings.inter_op_threads,
                 chunk=settings.inference_chunk,
+                memory_arena=settings.memory_arena,
             ),
             golden_check=settings.golden_check,
         )
@@ -133,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-agent: {exc}", file=sys.stderr)  # noqa: T201 - before logging exists
         return 2
     configure_logging(level=settings.log_level)
+    tune_malloc()  # before any thread starts: see edgecommon.memory
 
     stop = threading.Event()
 
