@@ -93,3 +93,27 @@ def rss_mb(pid: int) -> tuple[float, float]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) / 1024
     return values["VmRSS"], values["VmHWM"]
+
+
+@contextmanager
+def echo_server() -> Iterator[AgentClient]:
+    """bench/_echo_server.py in a subprocess; yields a client to it."""
+    with tempfile.TemporaryDirectory(prefix="windedge-echo-") as tmp:
+        sock = Path(tmp) / "echo.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench._echo_server", str(sock)],
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        client = AgentClient(sock, timeout=60)
+        try:
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("echo server did not start")
+                time.sleep(0.05)
+            yield client
+        finally:
+            client.close()
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)

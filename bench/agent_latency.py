@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from bench._agent import rss_mb, running_agent
+from bench._agent import echo_server, rss_mb, running_agent
 
 
 def timed(fn: Callable[[], object], n: int, warmup: int) -> list[float]:
@@ -43,14 +43,17 @@ def main() -> None:
     args = ap.parse_args()
     scale = 0.25 if args.quick else 1.0
     max_batch = 1024
-    with running_agent(
-        {
-            "max_batch": max_batch,
-            "intra_op_threads": 1,
-            "memory_arena": not args.no_arena,
-            "inference_chunk": args.chunk,
-        }
-    ) as (client, pid, package):
+    with (
+        echo_server() as echo,
+        running_agent(
+            {
+                "max_batch": max_batch,
+                "intra_op_threads": 1,
+                "memory_arena": not args.no_arena,
+                "inference_chunk": args.chunk,
+            }
+        ) as (client, pid, package),
+    ):
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
@@ -80,12 +83,15 @@ def main() -> None:
                 raise SystemExit("agent and in-process outputs differ")
             local: list[float] = []
             remote: list[float] = []
+            floor: list[float] = []
             per = max(5, n // args.rounds)
-            for _ in range(args.rounds):  # interleave so drift hits both alike
+            for _ in range(args.rounds):  # interleave so drift hits all alike
                 local += timed(lambda x=x: session.run(None, {"input": x}), per, 3)
                 remote += timed(
                     lambda x=x, shm=shm: client.predict("wt", x, shared_memory=shm), per, 3
                 )
+                if not shm:
+                    floor += timed(lambda x=x: echo.predict("echo", x), per, 3)
             rows.append(
                 (
                     mode,
@@ -94,6 +100,7 @@ def main() -> None:
                     pct(local, 0.99),
                     pct(remote, 0.5),
                     pct(remote, 0.99),
+                    pct(floor, 0.5) if floor else None,
                 )
             )
             if batch == 1 and after_b1 is None:
@@ -108,13 +115,18 @@ def main() -> None:
     print("Predict latency, wind-turbine autoencoder, 1 ONNX Runtime thread (microseconds)")
     print(
         f"{'path':<14}{'batch':>6}{'in-proc p50':>13}{'p99':>9}{'socket p50':>12}{'p99':>9}"
-        f"{'added p50':>11}{'ratio':>8}"
+        f"{'added p50':>11}{'ratio':>8}{'echo p50':>10}"
     )
-    for mode, batch, lp50, lp99, rp50, rp99 in rows:
+    for mode, batch, lp50, lp99, rp50, rp99, ep50 in rows:
+        echo_col = "" if ep50 is None else f"{ep50:>10.0f}"
         print(
             f"{mode:<14}{batch:>6}{lp50:>13.0f}{lp99:>9.0f}{rp50:>12.0f}{rp99:>9.0f}"
-            f"{rp50 - lp50:>11.0f}{rp50 / lp50:>7.3f}x"
+            f"{rp50 - lp50:>11.0f}{rp50 / lp50:>7.3f}x{echo_col}"
         )
+    print(
+        "echo: a do-nothing Python gRPC server on a Unix socket (bench/_echo_server.py) "
+        "with the same client,\nthe floor that any Python gRPC server adds on this machine"
+    )
     print()
     print("agent resident memory (MB): RSS now / high-water mark")
     print(f"  idle, model loaded        {idle[0]:7.1f} / {idle[1]:7.1f}")
