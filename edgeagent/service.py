@@ -333,27 +333,45 @@ class AgentService:
 
 
 def _captured(tensor: InputTensor, kind: str, index: int) -> CapturedTensor:
-    """A capture tensor by value (shared memory is copied now, not later)."""
+    """A capture tensor by value (shared memory is copied now, not later).
+
+    Device applications capture the input they sent to Predict, whose metadata
+    they copied from ListModels: a batch of -1 is taken from the byte count,
+    as Predict does, and the record gets the real shape.
+    """
     if tensor.dtype is None:
         raise InvalidArgumentError(f"capture {kind} tensor {index}: unknown data type")
-    if any(d <= 0 for d in tensor.shape):
+    dynamic = [i for i, d in enumerate(tensor.shape) if d == -1]
+    if len(dynamic) > 1 or any(d <= 0 for d in tensor.shape if d != -1):
         raise InvalidArgumentError(
-            f"capture {kind} tensor {index}: shape {list(tensor.shape)} must be fully specified"
+            f"capture {kind} tensor {index}: shape {list(tensor.shape)} must have positive "
+            "dimensions and at most one -1"
         )
     itemsize = int(np.dtype(tensor.dtype).itemsize)
-    needed = math.prod(tensor.shape) * itemsize
+    row = math.prod(d for d in tensor.shape if d != -1) * itemsize
     data = tensor.data
     if isinstance(data, SharedMemoryRef):
-        raw = shm.read_segment(data.segment_id, data.offset, data.size or needed)
+        size = data.size
+        if size == 0:
+            size = shm.segment_size(data.segment_id) - data.offset if dynamic else row
+        raw = shm.read_segment(data.segment_id, data.offset, size)
     else:
         raw = data
-    if len(raw) != needed:
+    shape = list(tensor.shape)
+    if dynamic:
+        if not raw or len(raw) % row:
+            raise InvalidArgumentError(
+                f"capture {kind} tensor {index}: {len(raw)} bytes is not a whole number of "
+                f"rows of {row} bytes for shape {list(tensor.shape)}"
+            )
+        shape[dynamic[0]] = len(raw) // row
+    elif len(raw) != row:
         raise InvalidArgumentError(
-            f"capture {kind} tensor {index}: shape {list(tensor.shape)} needs {needed} bytes, "
+            f"capture {kind} tensor {index}: shape {list(tensor.shape)} needs {row} bytes, "
             f"got {len(raw)}"
         )
     name = tensor.name or f"{kind}{index}"
-    return CapturedTensor(name=name, dtype=tensor.dtype, shape=tensor.shape, data=raw)
+    return CapturedTensor(name=name, dtype=tensor.dtype, shape=tuple(shape), data=raw)
 
 
 def _le_bytes(arr: NDArray[np.generic]) -> bytes:
