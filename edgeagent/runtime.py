@@ -21,6 +21,20 @@ from edgeagent.tensors import ORT_DTYPES, TensorSpec
 from edgecommon.memory import trim
 
 
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises: its own classes derive from Exception, not RuntimeError."""
+    state = ort.capi.onnxruntime_pybind11_state
+    own = tuple(
+        obj
+        for obj in vars(state).values()
+        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == state.__name__
+    )
+    return (RuntimeError, ValueError, OSError, *own)
+
+
+ORT_ERRORS = _ort_errors()
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
     intra_op_threads: int = 1
@@ -52,8 +66,7 @@ class ModelRuntime:
             self._session = ort.InferenceSession(
                 str(model_path), sess_options=so, providers=["CPUExecutionProvider"]
             )
-        except (RuntimeError, ValueError, OSError) as exc:
-            # onnxruntime raises its own subclasses of RuntimeError for bad models
+        except ORT_ERRORS as exc:
             raise FailedPreconditionError(
                 f"ONNX Runtime cannot load {model_path.name}: {exc}"
             ) from exc
@@ -109,7 +122,7 @@ class ModelRuntime:
     def _run_once(self, feeds: dict[str, NDArray[np.generic]]) -> list[NDArray[np.generic]]:
         try:
             results = self._session.run(self._output_names, feeds)
-        except (RuntimeError, ValueError) as exc:
+        except ORT_ERRORS as exc:
             raise FailedPreconditionError(f"inference failed: {exc}") from exc
         return [np.asarray(r) for r in results]
 
