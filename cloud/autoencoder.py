@@ -12,9 +12,7 @@ model is untrained. Training replaces the initialisers, not the topology.
 
 from __future__ import annotations
 
-import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeapp.features import FEATURES, PreprocessingParams
+
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17; older ONNX Runtimes load it too
-FEATURES = ("roll", "pitch", "yaw", "wind_speed_rps", "rps", "voltage")
 CHANNELS = len(FEATURES)
 SIDE = 10  # a window of 100 samples is a 10 x 10 image per feature
 
@@ -99,36 +98,12 @@ def build_autoencoder_onnx(path: str | os.PathLike[str], *, seed: int = 0) -> Pa
     return target
 
 
-def _seed_statistics() -> dict[str, Any]:
-    text = resources.files("cloud").joinpath("seed_statistics.json").read_text("utf-8")
-    data: dict[str, Any] = json.loads(text)
-    return data
-
-
 def default_preprocessing_block() -> dict[str, Any]:
-    """The preprocessing block of model version 1, from the seed statistics.
+    """The preprocessing block of model version 1: the seed statistics.
 
-    The detection daemon reads exactly these keys; feature order is
-    ``FEATURES``. Fault groups: vibration = roll, pitch, yaw; rotation = wind
-    speed, rotor speed; voltage = voltage.
+    Training prepares data exactly as the device does, so the block comes from
+    the detection daemon's own ``PreprocessingParams.default()`` (one copy of
+    the statistics in the repository). Fault groups: vibration = roll, pitch,
+    yaw; rotation = wind speed, rotor speed; voltage = voltage.
     """
-    stats = _seed_statistics()
-    if tuple(stats["features"]) != FEATURES:
-        raise ValueError("seed_statistics.json lists features in a different order")
-    block: dict[str, Any] = {"features": list(FEATURES)}
-    for key in ("raw_std", "mean", "std", "thresholds"):
-        values = [float(v) for v in stats[key]]
-        if len(values) != CHANNELS:
-            raise ValueError(f"seed_statistics.json: {key} has {len(values)} values, not 6")
-        block[key] = values
-    block.update(
-        {
-            "window": 100,
-            "step": 10,
-            "buffer": 500,
-            "wavelet": "db6",
-            "max_level": 5,
-            "fault_groups": {"vibration": [0, 1, 2], "rotation": [3, 4], "voltage": [5]},
-        }
-    )
-    return block
+    return PreprocessingParams.default().to_block()

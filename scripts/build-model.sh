@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the bundled model package, models/wind-turbine-1.0.tar.gz:
 #   - the autoencoder graph (cloud/autoencoder.py, seeded untrained weights),
-#   - the preprocessing block from cloud/seed_statistics.json,
+#   - the preprocessing block: the seed statistics (edgeapp.features defaults),
 #   - a golden input of 8 windows of seeded standard-normal float32 data,
 #     the expected output computed by ONNX Runtime (rtol 1e-4, atol 1e-5),
 #   - signed with the DEVELOPMENT key in models/dev-keys/ (created if absent).
