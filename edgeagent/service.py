@@ -255,6 +255,8 @@ class AgentService:
                     f"shared memory handle says {size}"
                 )
             if size > self._max_batch * fixed * itemsize and dynamic:
+                # a size beyond the segment is a bad handle, not a big batch
+                shm.check_bounds(data.segment_id, data.offset, size)
                 raise ResourceExhaustedError(
                     f"input {spec.name!r}: batch larger than the limit of {self._max_batch}"
                 )

@@ -27,16 +27,24 @@ def read_segment(segment_id: int, offset: int, size: int) -> bytes:
     """Copy ``size`` bytes at ``offset`` out of segment ``segment_id``."""
     shm = _attach(segment_id)
     try:
-        real = int(shm.size)
-        if offset < 0 or size < 0 or offset + size > real:
-            raise InvalidArgumentError(
-                f"shared memory segment {segment_id} has {real} bytes; "
-                f"offset {offset} + size {size} is beyond it"
-            )
+        _check_bounds(segment_id, int(shm.size), offset, size)
         data: bytes = shm.read(size, offset)
         return data
     finally:
         shm.detach()
+
+
+def check_bounds(segment_id: int, offset: int, size: int) -> None:
+    """InvalidArgumentError unless ``offset + size`` lies within the segment."""
+    _check_bounds(segment_id, segment_size(segment_id), offset, size)
+
+
+def _check_bounds(segment_id: int, real: int, offset: int, size: int) -> None:
+    if offset < 0 or size < 0 or offset + size > real:
+        raise InvalidArgumentError(
+            f"shared memory segment {segment_id} has {real} bytes; "
+            f"offset {offset} + size {size} is beyond it"
+        )
 
 
 def _attach(segment_id: int) -> sysv_ipc.SharedMemory:
