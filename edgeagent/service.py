@@ -7,6 +7,7 @@ protobuf never gets past ``edgeagent.grpc_server``. Every failure is an
 
 from __future__ import annotations
 
+import errno
 import math
 import threading
 import time
@@ -87,6 +88,16 @@ class PackageLoader:
         self._golden_check = golden_check
 
     def __call__(self, name: str, url: str) -> LoadedModel:
+        try:
+            return self._load(name, url)
+        except OSError as exc:
+            # the package's files cannot be read: a name too long, permissions, I/O errors
+            cls = (
+                InvalidArgumentError if exc.errno == errno.ENAMETOOLONG else FailedPreconditionError
+            )
+            raise cls(f"cannot read the package at {url[:200]!r}: {exc.strerror or exc}") from None
+
+    def _load(self, name: str, url: str) -> LoadedModel:
         package_dir = resolve_package_dir(url)
         manifest = verify_package_dir(
             package_dir, trusted_keys=self._trusted_keys, require_signature=self._require_signature
