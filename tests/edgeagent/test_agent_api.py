@@ -335,6 +335,18 @@ def _load_error_cases() -> list[Any]:
             id="no-manifest",
         ),
         pytest.param(
+            lambda p: str(p.v1 / ("x" * 5000)),
+            {CODE.INVALID_ARGUMENT},
+            "too long",
+            id="name-too-long",
+        ),
+        pytest.param(
+            lambda p: "/" + "a/" * 3000,
+            {CODE.INVALID_ARGUMENT},
+            "too long",
+            id="path-too-long",
+        ),
+        pytest.param(
             lambda p: "s3://bucket/wind-turbine-1.0",
             {CODE.INVALID_ARGUMENT},
             "local",
