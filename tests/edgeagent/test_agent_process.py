@@ -199,8 +199,8 @@ def test_sd_notify_ready_when_serving_and_stopping_on_sigterm(
 # -- configuration, end to end --------------------------------------------------------
 def test_toml_values_and_environment_override(start_agent: Any, packages: Any) -> None:
     agent = start_agent(
-        config={"max_models": 1, "max_batch": 4},
-        env={"WINDEDGE_AGENT_MAX_BATCH": "8"},
+        config={"max_models": 1, "max_batch": 4, "golden_check": False},
+        env={"WINDEDGE_AGENT_MAX_BATCH": "8", "WINDEDGE_AGENT_REQUIRE_SIGNATURE": "false"},
     )
     client = agent.client
     client.load_model("one", packages.v1)
@@ -209,6 +209,9 @@ def test_toml_values_and_environment_override(start_agent: Any, packages: Any) -
     assert client.predict("one", windows(8)).shape == (8, 6, 10, 10)  # 8, from the environment
     with pytest.raises(ResourceExhaustedError):
         client.predict("one", windows(9))
+    client.load_model("one", packages.bad_golden)  # golden_check = false, from the file
+    client.load_model("one", packages.unsigned)  # require_signature = false, from the environment
+    assert client.describe_model("one").url == str(packages.unsigned)
 
 
 def test_sagemaker_json_config_is_accepted(
