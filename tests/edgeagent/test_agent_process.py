@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -286,3 +287,30 @@ def test_no_trusted_keys_refuses_every_package(start_agent: Any, packages: Any) 
     agent = start_agent(trusted_keys=Path("/nonexistent-windedge-keys"))
     with pytest.raises(PermissionDeniedError):
         agent.client.load_model("wt", packages.v1)
+
+
+def test_sigterm_lets_in_flight_predictions_finish(
+    start_agent: Any, packages: Any, reference: Reference
+) -> None:
+    agent = start_agent(config={"max_batch": 2048})
+    agent.client.load_model("wt", packages.v1)
+    x = windows(2000, seed=32)
+    results: list[Any] = []
+
+    def predict() -> None:
+        try:
+            results.append(agent.client.predict("wt", x))
+        except Exception as exc:
+            results.append(exc)
+
+    worker = threading.Thread(target=predict)
+    worker.start()
+    time.sleep(0.25)  # the request has arrived and runs (one takes ~0.4 s)
+    agent.signal(signal.SIGTERM)
+    worker.join(30)
+    assert agent.wait(10) == 0
+    (result,) = results
+    assert not isinstance(result, Exception), result
+    np.testing.assert_allclose(
+        result, reference(Path(packages.v1) / "model.onnx", x), rtol=1e-5, atol=1e-5
+    )
