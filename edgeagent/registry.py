@@ -116,6 +116,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._persist_lock = threading.Lock()
 
     @contextmanager
     def _control(self, name: str) -> Iterator[None]:
@@ -158,8 +159,7 @@ class ModelRegistry:
                         f"{len(self._models)} models loaded: the limit is {self._max_models}"
                     )
                 self._models[name] = new
-                snapshot = {k: v.info.url for k, v in self._models.items()}
-            self._persist(snapshot)
+            self._persist()
             log.info(
                 "model loaded" if current is None else "model hot-swapped",
                 model=name,
@@ -174,10 +174,9 @@ class ModelRegistry:
         with self._control(name):
             with self._lock:
                 model = self._models.pop(name, None)
-                snapshot = {k: v.info.url for k, v in self._models.items()}
             if model is None:
                 raise NotFoundError(f"no model named {name!r} is loaded")
-            self._persist(snapshot)
+            self._persist()
             log.info("model unloaded", model=name, url=model.info.url)
             return model
 
@@ -199,13 +198,20 @@ class ModelRegistry:
                     error_type=type(exc).__name__,
                 )
         if failed:
-            with self._lock:
-                snapshot = {k: v.info.url for k, v in self._models.items()}
-            self._persist(snapshot)
+            self._persist()
         return failed
 
-    def _persist(self, snapshot: dict[str, str]) -> None:
-        if self._store is not None:
+    def _persist(self) -> None:
+        """Write the current set of models.
+
+        The snapshot is taken under the write lock: a control call on another
+        alias running at the same time can never write its older snapshot last.
+        """
+        if self._store is None:
+            return
+        with self._persist_lock:
+            with self._lock:
+                snapshot = {k: v.info.url for k, v in self._models.items()}
             self._store.write(snapshot)
 
 
