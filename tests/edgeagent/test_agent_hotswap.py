@@ -281,6 +281,37 @@ def test_concurrent_control_calls_on_one_alias_are_serialised(
     agent.client.unload_model("race")
 
 
+def test_concurrent_control_calls_on_many_aliases_keep_the_record_exact(
+    agent: Any, packages: Any
+) -> None:
+    """What models.json says after concurrent loads/unloads of 12 aliases is what is loaded."""
+    state_file = agent.state_dir / "models.json"
+    names = [f"many-{i}" for i in range(12)]
+    mismatches = []
+    for round_ in range(8):
+        for op in ("load", "unload"):
+            barrier = threading.Barrier(len(names))
+
+            def run(i: int, name: str, op: str = op, barrier: Any = barrier) -> None:
+                with AgentClient(agent.socket, timeout=60) as c:
+                    barrier.wait()
+                    if op == "load":
+                        c.load_model(name, packages.v1 if i % 2 else packages.v2)
+                    else:
+                        c.unload_model(name)
+
+            threads = [threading.Thread(target=run, args=(i, n)) for i, n in enumerate(names)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            listed = {m.name: m.url for m in agent.client.list_models()}
+            persisted = json.loads(state_file.read_text())["models"]
+            if listed != persisted:
+                mismatches.append((round_, op, sorted(set(listed) ^ set(persisted))))
+    assert not mismatches, f"models.json disagrees with ListModels: {mismatches}"
+
+
 def latencies(client: AgentClient, alias: str, count: int) -> np.ndarray[Any, Any]:
     x = windows(1, seed=25)
     out = []
