@@ -409,6 +409,7 @@ def packages(
     large = build("9.0", _large_onnx(src / "large.onnx", 64))
 
     v1_copy = _copy_package(bundled_package, root / "v1-copy")
+    shutil.rmtree(root / "archives")  # unpacked copies are all the tests use
     return Packages(
         v1=bundled_package,
         v1_copy=v1_copy,
