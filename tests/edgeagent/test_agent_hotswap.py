@@ -368,7 +368,7 @@ def test_slow_loads_do_not_stall_predict_on_another_alias(agent: Any, packages: 
     load_s = float(np.median(loads))
     # generous: Predict must not wait for a whole load; CPU contention on a
     # shared 2-core machine may slow it down, a stall would add a load's time
-    bound = max(20 * base_p99, base_p99 + 0.5 * load_s, 0.05)
+    bound = max(20 * base_p99, base_p99 + 0.5 * load_s, 0.1)
     print(  # the figures, for -s runs
         f"Predict p99 {during_p99 * 1e3:.2f} ms during {loads_seen} loads of "
         f"{load_s * 1e3:.0f} ms, {base_p99 * 1e3:.2f} ms before ({len(during)} calls)"
