@@ -58,7 +58,7 @@ def call(method: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, str
     try:
         response = method(request, timeout=60)
     except grpc.RpcError as exc:
-        return exc.code(), exc.details() or "", None  # type: ignore[attr-defined]
+        return exc.code(), exc.details() or "", None  # type: ignore[attr-defined]  # a grpc.Call
     return CODE.OK, "", response
 
 
@@ -666,7 +666,7 @@ def test_capture_errors(stub: pb_grpc.AgentStub) -> None:
         code, detail, _ = call(stub.CaptureData, req)
         assert code == want, f"{name}: {code} {detail}"
     unknown_dtype = capture_request(str(uuid.uuid4()))
-    unknown_dtype.input_tensors[0].tensor_metadata.data_type = 42  # type: ignore[assignment]
+    unknown_dtype.input_tensors[0].tensor_metadata.data_type = 42  # type: ignore[assignment]  # not an enum value
     assert call(stub.CaptureData, unknown_dtype)[0] == CODE.INVALID_ARGUMENT
     wrong_size = capture_request(str(uuid.uuid4()))
     wrong_size.output_tensors[0].byte_data = b"\0" * 10

@@ -117,7 +117,7 @@ def near_valid_tensor(draw: st.DrawFn, segment_ids: dict[str, int]) -> pb.Tensor
         st.sampled_from(["none", "dtype", "dim", "bytes", "offset", "size", "segment", "name"])
     )
     if mutation == "dtype":
-        t.tensor_metadata.data_type = draw(dtypes)  # type: ignore[assignment]
+        t.tensor_metadata.data_type = draw(dtypes)  # type: ignore[assignment]  # any int
     elif mutation == "dim":
         t.tensor_metadata.shape[draw(st.integers(0, 3))] = draw(dims)
     elif mutation == "bytes" and t.WhichOneof("data") == "byte_data":
@@ -161,7 +161,7 @@ def test_fuzzed_predict_requests_always_get_a_status(agent: Any, segments: dict[
             stub.Predict(request, timeout=30)
             code, detail = grpc.StatusCode.OK, ""
         except grpc.RpcError as exc:
-            code, detail = exc.code(), exc.details()  # type: ignore[attr-defined]
+            code, detail = exc.code(), exc.details()  # type: ignore[attr-defined]  # a grpc.Call
         seen[code] = seen.get(code, 0) + 1
         assert code in ALLOWED, f"{code}: {detail}\nrequest: {request}"[:2000]
         assert agent.alive()

@@ -29,8 +29,8 @@ def fake_loader(*, fail: frozenset[str] = frozenset()) -> Any:
             raise FailedPreconditionError(f"{url} does not load")
         return LoadedModel(
             info=ModelInfo(name=name, url=url, inputs=(), outputs=()),
-            manifest=types.SimpleNamespace(version="1.0"),  # type: ignore[arg-type]
-            runtime=None,  # type: ignore[arg-type]
+            manifest=types.SimpleNamespace(version="1.0"),  # type: ignore[arg-type]  # a stand-in
+            runtime=None,  # type: ignore[arg-type]  # never run
             package_dir=Path(url).resolve(),
             loaded_at=time.time(),
         )

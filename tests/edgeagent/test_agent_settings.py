@@ -153,4 +153,4 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_settings_are_frozen() -> None:
     settings = AgentSettings()
     with pytest.raises(ValueError, match="frozen"):
-        settings.max_models = 3  # type: ignore[misc]
+        settings.max_models = 3  # type: ignore[misc]  # the point of the test
