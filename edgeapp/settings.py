@@ -1,0 +1,249 @@
+"""The detection daemon's settings: one typed object, parsed once at start.
+
+Sources, highest priority first: ``WINDEDGE_APP_*``
+environment variables (e.g. ``WINDEDGE_APP_MQTT_PORT=1884``), the TOML file
+(``/etc/windedge/app.toml``: flat, or keys under an ``[app]`` table), defaults.
+``config/app.toml`` is the commented example; it mirrors the field docs below.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edgeapp.errors import ConfigError
+
+TURBINE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+"""A turbine id: it becomes a topic level, so no ``/``, ``+``, ``#`` or blanks."""
+_TURBINE_ID_RE = re.compile(TURBINE_ID_PATTERN)
+_TOPIC_PREFIX_RE = re.compile(r"[^+#\s]+(?:/[^+#\s/]+)*")
+
+
+class AppSettings(BaseSettings):
+    """Settings of ``edge-app``."""
+
+    model_config = SettingsConfigDict(env_prefix="WINDEDGE_APP_", extra="forbid", frozen=True)
+
+    # -- the model the daemon follows ------------------------------------------------
+    model_name: str = Field(
+        "wind-turbine",
+        min_length=1,
+        description="Model alias served by the agent; the daemon follows whatever version it is.",
+    )
+    agent_socket: Path = Field(
+        Path("/run/windedge/agent.sock"), description="Unix socket of the agent's gRPC API."
+    )
+    agent_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of one call to the agent (Predict included)."
+    )
+    agent_retry_min_s: float = Field(
+        0.5, gt=0, description="First retry delay when the agent is down or has no model."
+    )
+    agent_retry_max_s: float = Field(
+        5.0, gt=0, description="Longest retry delay (the delay doubles up to this)."
+    )
+
+    # -- where samples come from -------------------------------------------------------
+    source: Literal["mqtt", "replay"] = Field(
+        "mqtt", description="mqtt: the local broker; replay: a CSV or JSON-lines file."
+    )
+    mqtt_host: str = Field("127.0.0.1", min_length=1, description="Broker host.")
+    mqtt_port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    mqtt_topic: str = Field(
+        "wind-turbine/+/raw-data",
+        description="Subscription; its single '+' level is the turbine id.",
+    )
+    mqtt_client_id: str = Field(
+        "edge-app",
+        min_length=1,
+        max_length=20,
+        description="Client id prefix; the daemon connects as <id>-src and <id>-pub.",
+    )
+    mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive interval.")
+    mqtt_reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay.")
+    mqtt_reconnect_max_s: int = Field(
+        30, ge=1, description="Longest reconnect delay (doubles up to this)."
+    )
+    topic_prefix: str = Field(
+        "wind-turbine",
+        description=(
+            "Output topics are <prefix>/<id>/anomalies, <prefix>/<id>/label/update and "
+            "<prefix>/<id>/dashboard/update."
+        ),
+    )
+    replay_file: Path | None = Field(
+        None, description="CSV or JSON-lines file for source = replay (format by extension)."
+    )
+    replay_speed: float = Field(
+        1.0,
+        ge=0,
+        description="1 = recorded speed, 10 = ten times faster, 0 = as fast as possible.",
+    )
+    replay_rate_hz: float = Field(
+        20.0, gt=0, description="Per-turbine sample rate assumed for rows without a ts."
+    )
+    replay_loop: bool = Field(False, description="Start the file again when it ends.")
+
+    # -- buffers and input validation --------------------------------------------------
+    turbines: tuple[str, ...] | None = Field(
+        None,
+        description=(
+            "Fixed list of turbine ids; samples of other ids are dropped. "
+            "Unset: turbines are learned from the stream, up to max_turbines."
+        ),
+    )
+    max_turbines: int = Field(
+        1000, ge=1, le=100_000, description="Turbines buffered at most (memory is preallocated)."
+    )
+    buffer_length: int = Field(
+        500,
+        ge=2,
+        le=100_000,
+        description="Samples kept per turbine; at least the model's preprocessing buffer.",
+    )
+    gap_reset_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "A turbine silent for longer starts a new buffer: a window never spans a gap."
+        ),
+    )
+    max_payload_bytes: int = Field(65536, ge=256, description="Larger messages are dropped unread.")
+    max_samples_per_message: int = Field(
+        1000, ge=1, description='Longest {"samples": [...]} list accepted.'
+    )
+    max_abs_quaternion: float = Field(
+        1.5, gt=0, description="Quaternion components beyond this magnitude are absurd."
+    )
+    max_abs_value: float = Field(
+        1e5, gt=0, description="wind_speed_rps, rps and voltage beyond this magnitude are absurd."
+    )
+    drop_log_interval_s: float = Field(
+        10.0, gt=0, description="At most one log line per drop reason per interval."
+    )
+
+    # -- detection ---------------------------------------------------------------------
+    tick_period_s: float = Field(
+        0.5, gt=0, le=60, description="Every tick scores all turbines with new samples."
+    )
+    max_batch: int = Field(
+        256,
+        ge=1,
+        description="Windows per Predict call; a tick sends its turbines in chunks of this size.",
+    )
+    capture_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of model inputs/outputs sent to the agent's CaptureData.",
+    )
+    dashboard_period_s: float = Field(
+        1.0, gt=0, description="How often each turbine's recent feature means are published."
+    )
+    dashboard_samples: int = Field(
+        100, ge=1, description="Samples the dashboard's feature means are taken over."
+    )
+    publish_qos: Literal[0, 1] = Field(0, description="QoS of the published topics.")
+    status_period_s: float = Field(
+        10.0, gt=0, description="How often STATUS= (systemd) and a counters log line are sent."
+    )
+    log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
+
+    @field_validator("mqtt_topic")
+    @classmethod
+    def _one_wildcard(cls, value: str) -> str:
+        levels = value.split("/")
+        if levels.count("+") != 1 or "#" in value or any(not level for level in levels):
+            raise ValueError(
+                f"{value!r}: expected exactly one '+' level (the turbine id), no '#', "
+                "no empty level"
+            )
+        if any("+" in level for level in levels if level != "+"):
+            raise ValueError(f"{value!r}: '+' must be a whole level")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        if not _TOPIC_PREFIX_RE.fullmatch(value):
+            raise ValueError(f"{value!r}: not a topic prefix (no wildcards, blanks, empty levels)")
+        return value
+
+    @field_validator("turbines")
+    @classmethod
+    def _valid_ids(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        bad = [t for t in value if not _TURBINE_ID_RE.fullmatch(t)]
+        if bad:
+            raise ValueError(f"invalid turbine ids {bad[:5]}: expected {TURBINE_ID_PATTERN}")
+        if len(set(value)) != len(value):
+            raise ValueError("turbine ids must be distinct")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {value!r}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppSettings:
+        if self.agent_retry_max_s < self.agent_retry_min_s:
+            raise ValueError("agent_retry_max_s must be >= agent_retry_min_s")
+        if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
+            raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
+        if self.source == "replay" and self.replay_file is None:
+            raise ValueError("source = 'replay' needs replay_file")
+        if self.turbines is not None and len(self.turbines) > self.max_turbines:
+            raise ValueError(
+                f"{len(self.turbines)} turbines listed but max_turbines is {self.max_turbines}"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the file (whose values arrive as init arguments).
+        return (env_settings, init_settings)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file: flat, or under an ``[app]`` table."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    app = data.get("app", data)
+    if not isinstance(app, dict):
+        raise ConfigError(f"{path}: [app] must be a table")
+    return dict(app)
+
+
+def load_settings(config_file: Path | None = None) -> AppSettings:
+    """Settings from the file and the environment, validated once."""
+    values = read_config_file(config_file) if config_file is not None else {}
+    try:
+        return AppSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid app configuration: {problems}") from exc
