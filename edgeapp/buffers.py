@@ -1,0 +1,193 @@
+"""Rolling buffers of raw samples: one preallocated array for the whole farm.
+
+``data`` is ``(max_turbines, capacity, 7)`` float64 (columns ``RAW_FIELDS``),
+allocated once; each turbine owns a row (a *slot*) and writes into it as a
+ring. Per slot the buffer keeps the write index, how many samples arrived
+since the buffer last (re)started, when the newest sample arrived (monotonic
+seconds, for latency) and that sample's own timestamp (epoch ms, NaN when it
+had none).
+
+One writer thread (the source) appends; the tick thread gathers copies of the
+newest ``n`` samples of many turbines at once. A single lock guards both: an
+append holds it for about a microsecond, a gather for the copy of one chunk.
+
+A turbine silent for longer than ``gap_reset_s`` starts over (its count drops
+to zero): the pipeline's wavelet denoising assumes an evenly sampled series,
+so a window never spans an outage.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeapp.features import N_RAW
+
+__all__ = ["Gathered", "TurbineBuffers"]
+
+
+@dataclass(frozen=True, eq=False)
+class Gathered:
+    """The newest samples of some turbines, copied out of the buffers."""
+
+    raw: NDArray[np.float64]
+    """``(T, n, 7)``, oldest sample first."""
+    arrival: NDArray[np.float64]
+    """``(T,)`` monotonic arrival time of each turbine's newest sample."""
+    ts: NDArray[np.float64]
+    """``(T,)`` the newest sample's own timestamp (epoch ms), NaN when it had none."""
+
+
+class TurbineBuffers:
+    """Preallocated per-turbine ring buffers of raw samples."""
+
+    def __init__(
+        self,
+        *,
+        max_turbines: int,
+        capacity: int,
+        gap_reset_s: float,
+        fixed_ids: Sequence[str] | None = None,
+    ) -> None:
+        if max_turbines < 1 or capacity < 1:
+            raise ValueError("max_turbines and capacity must be at least 1")
+        if fixed_ids is not None and len(fixed_ids) > max_turbines:
+            raise ValueError(f"{len(fixed_ids)} fixed turbines exceed max_turbines {max_turbines}")
+        self.max_turbines = max_turbines
+        self.capacity = capacity
+        self.gap_reset_s = gap_reset_s
+        self.lock = threading.Lock()
+        # np.zeros maps untouched pages lazily: a slot costs memory once it is used.
+        self.data: NDArray[np.float64] = np.zeros((max_turbines, capacity, N_RAW))
+        # Per-slot scalars live in Python lists: the append path reads and writes
+        # them one at a time, where lists are several times cheaper than arrays.
+        self._write = [0] * max_turbines
+        self._count = [0] * max_turbines
+        self._arrival = [-math.inf] * max_turbines
+        self._ts = [math.nan] * max_turbines
+        self._ids: list[str] = []
+        self._slots: dict[str, int] = {}
+        self.fixed = fixed_ids is not None
+        for turbine in fixed_ids or ():
+            self._add(turbine)
+
+    # ---- turbines
+
+    def find(self, turbine: str) -> int | None:
+        """The slot of a known turbine, or None."""
+        return self._slots.get(turbine)
+
+    def can_add(self) -> bool:
+        """Whether a new turbine would get a slot (learned mode, room left)."""
+        return not self.fixed and len(self._ids) < self.max_turbines
+
+    def add(self, turbine: str) -> int | None:
+        """The turbine's slot, allocating one if needed; None when there is no room."""
+        slot = self._slots.get(turbine)
+        if slot is not None:
+            return slot
+        if not self.can_add():
+            return None
+        with self.lock:
+            return self._add(turbine)
+
+    def _add(self, turbine: str) -> int | None:
+        slot = self._slots.get(turbine)
+        if slot is None:
+            if len(self._ids) >= self.max_turbines:
+                return None
+            slot = len(self._ids)
+            self._ids.append(turbine)
+            self._slots[turbine] = slot
+        return slot
+
+    @property
+    def ids(self) -> list[str]:
+        """Turbine ids by slot (a copy)."""
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    # ---- writing (the source's thread)
+
+    def append(
+        self, slot: int, row: Sequence[float], arrival: float, ts: float | None = None
+    ) -> None:
+        """Append one sample (7 values in ``RAW_FIELDS`` order) to a turbine's ring."""
+        with self.lock:
+            if arrival - self._arrival[slot] > self.gap_reset_s:
+                self._count[slot] = 0
+            w = self._write[slot]
+            self.data[slot, w] = row
+            w += 1
+            self._write[slot] = 0 if w == self.capacity else w
+            self._count[slot] += 1
+            self._arrival[slot] = arrival
+            self._ts[slot] = math.nan if ts is None else ts
+
+    def extend(
+        self,
+        slot: int,
+        rows: Sequence[Sequence[float]],
+        arrival: float,
+        ts: float | None = None,
+    ) -> None:
+        """Append several samples, oldest first, that arrived together."""
+        block = np.asarray(rows, dtype=np.float64)
+        if block.ndim != 2 or block.shape[1] != N_RAW:
+            raise ValueError(f"rows must have shape (k, {N_RAW}), got {block.shape}")
+        k = block.shape[0]
+        if k == 0:
+            return
+        keep = block[-self.capacity :]
+        with self.lock:
+            if arrival - self._arrival[slot] > self.gap_reset_s:
+                self._count[slot] = 0
+            w = self._write[slot]
+            index = (w + (k - len(keep)) + np.arange(len(keep))) % self.capacity
+            self.data[slot, index] = keep
+            self._write[slot] = (w + k) % self.capacity
+            self._count[slot] += k
+            self._arrival[slot] = arrival
+            self._ts[slot] = math.nan if ts is None else ts
+
+    # ---- reading (the tick's thread)
+
+    def state(self) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """``(counts, newest arrival)`` of every allocated slot, a consistent snapshot."""
+        with self.lock:
+            n = len(self._ids)
+            counts = np.array(self._count[:n], dtype=np.int64)
+            arrival = np.array(self._arrival[:n], dtype=np.float64)
+        return counts, arrival
+
+    def gather(
+        self, slots: NDArray[np.intp], n: int, out: NDArray[np.float64] | None = None
+    ) -> Gathered:
+        """Copy the newest ``n`` samples of each slot (oldest first), into ``out`` if given.
+
+        The caller chooses slots with at least ``n`` samples (``state``); a slot
+        with fewer gets older ring content in front.
+        """
+        if not 1 <= n <= self.capacity:
+            raise ValueError(f"n must be within 1..{self.capacity}, got {n}")
+        count = len(slots)
+        if out is None:
+            out = np.empty((count, n, N_RAW), dtype=np.float64)
+        elif out.shape != (count, n, N_RAW):
+            raise ValueError(f"out must have shape {(count, n, N_RAW)}, got {out.shape}")
+        flat = self.data.reshape(-1, N_RAW)
+        with self.lock:
+            write = np.array([self._write[s] for s in slots], dtype=np.intp)
+            arrival = np.array([self._arrival[s] for s in slots], dtype=np.float64)
+            ts = np.array([self._ts[s] for s in slots], dtype=np.float64)
+            index = (write[:, None] - n + np.arange(n)) % self.capacity
+            index += np.asarray(slots, dtype=np.intp)[:, None] * self.capacity
+            np.take(flat, index, axis=0, out=out)
+        return Gathered(raw=out, arrival=arrival, ts=ts)
