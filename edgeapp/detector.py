@@ -1,0 +1,409 @@
+"""The detection tick: every ready turbine prepared together, one Predict, verdicts out.
+
+At each tick (``tick_period_s``, 2 Hz by default) the detector
+
+1. asks the ``ModelFollower`` which package the agent serves (and publishes
+   the dashboard label when that changes, or to turbines seen for the first time);
+2. picks the turbines with a full buffer and samples newer than their last verdict;
+3. per chunk of at most ``max_batch`` windows: copies their newest samples out
+   of the buffers, runs ``prepare_windows`` on the whole chunk, and sends it to
+   the agent in one ``Predict``; then scores the reconstruction and hands the
+   verdicts (and, once per ``dashboard_period_s``, the feature means) to the sink.
+
+Inference runs on one worker thread, so the agent works on chunk k while this
+thread prepares chunk k+1 and publishes chunk k-1: with a 2-core device the
+tick takes about as long as the slower of the two sides, not their sum. After
+every Predict the worker asks the agent which package served it: a chunk
+scored by a package other than the one whose preprocessing prepared it (a hot
+swap mid-tick) is discarded, and the next tick reads the new manifest.
+
+Transport-free: the sink (``VerdictSink``) and the agent client
+(``ModelClient``) are ports; MQTT and gRPC live behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+
+from edgeagent.capture import AuxEncoding
+from edgeagent.errors import AgentError
+from edgeapp.buffers import Gathered, TurbineBuffers
+from edgeapp.features import N_RAW, feature_means, prepare_windows, score
+from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
+
+__all__ = ["Detector", "TickReport", "VerdictBatch", "VerdictSink"]
+
+log = structlog.get_logger("edgeapp.detector")
+
+# After a stop request, how long an in-flight Predict may still take before the
+# connection is closed under it (the daemon must stop within 2 s).
+STOP_GRACE_S = 0.7
+_CAPTURE_LOG_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, eq=False)
+class VerdictBatch:
+    """The verdicts of one chunk of turbines (arrays indexed like ``turbines``)."""
+
+    turbines: Sequence[str]
+    ts_ms: NDArray[np.int64]
+    """Epoch ms of each turbine's newest sample (its own ts, else its arrival)."""
+    arrival: NDArray[np.float64]
+    """Monotonic arrival time of that sample: the publisher computes the latency."""
+    model: str
+    version: str
+    scores: NDArray[np.float64]
+    """``(T, 6)`` mean absolute reconstruction error per feature."""
+    thresholds: tuple[float, ...]
+    anomalies: Mapping[str, NDArray[np.bool_]]
+    """Fault group -> ``(T,)`` raised or not."""
+
+
+class VerdictSink(Protocol):
+    """Where verdicts, labels and dashboard figures go (the MQTT publisher)."""
+
+    def verdicts(self, batch: VerdictBatch) -> None: ...
+
+    def status(self, turbines: Sequence[str], label: str) -> None: ...
+
+    def dashboard(
+        self, turbines: Sequence[str], ts_ms: NDArray[np.int64], means: NDArray[np.float64]
+    ) -> None: ...
+
+
+@dataclass
+class TickReport:
+    """What one tick did (logged as one line; the benchmark reads it)."""
+
+    status: str
+    label: str
+    turbines: int = 0
+    """Turbines buffered (known)."""
+    ready: int = 0
+    """Turbines with a full buffer and new samples."""
+    verdicts: int = 0
+    chunks: int = 0
+    discarded: int = 0
+    """Verdicts computed but not published (the model changed under them)."""
+    error: str | None = None
+    ms: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per stage: gather, prepare, infer (in the agent), wait, score,
+    publish, total."""
+
+    def add_ms(self, stage: str, seconds: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1000.0
+
+
+@dataclass(frozen=True, eq=False)
+class _Chunk:
+    slots: NDArray[np.intp]
+    turbines: list[str]
+    gathered: Gathered
+    windows: NDArray[np.float32]  # (T, W, 6, side, side)
+    means: NDArray[np.float64] | None  # (T, 6) when the dashboard is due
+
+
+@dataclass(frozen=True, eq=False)
+class _Inference:
+    output: NDArray[np.generic]
+    url: str | None  # what the agent served right after; None if it could not say
+    seconds: float
+
+
+class _TickAbortedError(Exception):
+    """A chunk could not be scored; the rest of the tick is dropped."""
+
+
+class Detector:
+    """Runs ticks; owned by the main thread (the worker thread belongs to it)."""
+
+    def __init__(
+        self,
+        *,
+        buffers: TurbineBuffers,
+        follower: ModelFollower,
+        sink: VerdictSink,
+        max_batch: int,
+        capture_fraction: float = 0.0,
+        dashboard_period_s: float = 1.0,
+        dashboard_samples: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.buffers = buffers
+        self.follower = follower
+        self.sink = sink
+        self.max_batch = max_batch
+        self.capture_fraction = capture_fraction
+        self.dashboard_period_s = dashboard_period_s
+        self.dashboard_samples = dashboard_samples
+        self._clock = clock
+        self._wallclock = wallclock
+        self._rng = np.random.default_rng(seed)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeapp-predict")
+        self._scored = np.full(buffers.max_turbines, -math.inf)
+        self._next_dashboard = -math.inf
+        self._label: str | None = None
+        self._labelled = 0  # turbines (by slot order) that got the current label
+        self._raw: NDArray[np.float64] | None = None  # reused gather buffer
+        self._capture_prefix = f"edge-app-{uuid.uuid4().hex[:12]}"
+        self._captures = 0
+        self.capture_errors = 0
+        self._capture_logged = -math.inf
+        self._stop: threading.Event | None = None
+        self.ticks = 0
+        self.verdicts = 0
+
+    def close(self) -> None:
+        """Finish queued capture calls and join the worker thread."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    # ---- the tick
+
+    def tick(self, stop: threading.Event | None = None) -> TickReport:
+        """One tick; returns early (between chunks) once ``stop`` is set."""
+        self._stop = stop
+        start = self._clock()
+        state = self.follower.refresh()
+        report = TickReport(status=state.status.value, label=state.label)
+        self._announce(state.label)
+        counts, arrival = self.buffers.state()
+        report.turbines = len(counts)
+        model = state.model
+        if state.status is ModelStatus.LOADED and model is not None:
+            n = model.params.buffer
+            ready = np.flatnonzero((counts >= n) & (arrival > self._scored[: len(counts)]))
+            report.ready = len(ready)
+            if len(ready):
+                self._run(model, ready, report)
+        self.ticks += 1
+        self.verdicts += report.verdicts
+        report.add_ms("total", self._clock() - start)
+        return report
+
+    def _run(self, model: LoadedModel, ready: NDArray[np.intp], report: TickReport) -> None:
+        params = model.params
+        per_chunk = max(1, self.max_batch // params.n_windows)
+        dashboard = self._clock() >= self._next_dashboard
+        if dashboard:
+            self._next_dashboard = self._clock() + self.dashboard_period_s
+        client = self.follower.client
+        ids = self.buffers.ids
+        pending: tuple[_Chunk, Future[_Inference]] | None = None
+        try:
+            for begin in range(0, len(ready), per_chunk):
+                if self._stopping():
+                    break
+                slots = ready[begin : begin + per_chunk]
+                chunk = self._prepare(model, slots, ids, dashboard, report)
+                future = self._worker.submit(self._infer, client, model, chunk.windows)
+                report.chunks += 1
+                previous, pending = pending, (chunk, future)
+                if previous is not None:
+                    self._finish(model, *previous, report)
+            if pending is not None:
+                chunk, future = pending
+                pending = None
+                self._finish(model, chunk, future, report)
+        except _TickAbortedError:
+            pass
+        finally:
+            if pending is not None:  # aborted with a Predict in flight: let it end
+                self._drain(pending[1], report)
+
+    def _prepare(
+        self,
+        model: LoadedModel,
+        slots: NDArray[np.intp],
+        ids: list[str],
+        dashboard: bool,
+        report: TickReport,
+    ) -> _Chunk:
+        started = self._clock()
+        n = model.params.buffer
+        raw = self._raw
+        if raw is None or raw.shape[1] != n or raw.shape[0] < len(slots):
+            raw = self._raw = np.empty((len(slots), n, N_RAW))
+        gathered = self.buffers.gather(slots, n, out=raw[: len(slots)])
+        gathered_at = self._clock()
+        windows = prepare_windows(gathered.raw, model.params)
+        means = (
+            feature_means(gathered.raw, model.params, samples=self.dashboard_samples)
+            if dashboard
+            else None
+        )
+        report.add_ms("gather", gathered_at - started)
+        report.add_ms("prepare", self._clock() - gathered_at)
+        return _Chunk(
+            slots=slots,
+            turbines=[ids[s] for s in slots],
+            gathered=gathered,
+            windows=windows,
+            means=means,
+        )
+
+    def _infer(
+        self, client: ModelClient, model: LoadedModel, windows: NDArray[np.float32]
+    ) -> _Inference:
+        """On the worker thread: Predict, then which package the agent serves now."""
+        started = self._clock()
+        flat = windows.reshape(-1, *windows.shape[-3:])
+        output = client.predict(model.name, flat)
+        seconds = self._clock() - started
+        try:
+            url: str | None = client.describe_model(model.name).url
+        except AgentError:
+            url = None
+        return _Inference(output=output, url=url, seconds=seconds)
+
+    def _finish(
+        self,
+        model: LoadedModel,
+        chunk: _Chunk,
+        future: Future[_Inference],
+        report: TickReport,
+    ) -> None:
+        inference = self._wait(future, report)
+        report.add_ms("infer", inference.seconds)
+        if inference.url != model.url:
+            report.discarded += len(chunk.slots)
+            if inference.url is None:
+                self.follower.refresh()
+            log.info(
+                "model changed during the tick: verdicts discarded",
+                model=model.name,
+                version=model.version,
+                turbines=len(chunk.slots),
+            )
+            raise _TickAbortedError
+        started = self._clock()
+        windows = chunk.windows
+        output = np.asarray(inference.output).reshape(windows.shape)
+        scores = score(windows, output, model.params)
+        gathered = chunk.gathered
+        wall_offset = self._wallclock() - self._clock()
+        own_ts = gathered.ts
+        ts_ms = np.where(np.isnan(own_ts), (gathered.arrival + wall_offset) * 1000.0, own_ts)
+        batch = VerdictBatch(
+            turbines=chunk.turbines,
+            ts_ms=ts_ms.astype(np.int64),
+            arrival=gathered.arrival,
+            model=model.name,
+            version=model.version,
+            scores=scores.scores,
+            thresholds=model.params.thresholds,
+            anomalies=scores.groups,
+        )
+        scored_at = self._clock()
+        report.add_ms("score", scored_at - started)
+        self.sink.verdicts(batch)
+        if chunk.means is not None:
+            self.sink.dashboard(chunk.turbines, batch.ts_ms, chunk.means)
+        report.add_ms("publish", self._clock() - scored_at)
+        self._scored[chunk.slots] = gathered.arrival
+        report.verdicts += len(chunk.slots)
+        if self.capture_fraction > 0.0:
+            self._capture(model, chunk, windows, output)
+
+    def _wait(self, future: Future[_Inference], report: TickReport) -> _Inference:
+        """The worker's result; stop-aware: a stop request closes the channel after a grace."""
+        started = self._clock()
+        stop_seen: float | None = None
+        try:
+            while True:
+                try:
+                    return future.result(timeout=0.05)
+                except TimeoutError:
+                    if self._stopping():
+                        now = self._clock()
+                        stop_seen = now if stop_seen is None else stop_seen
+                        if now - stop_seen > STOP_GRACE_S:
+                            self.follower.close()  # cancels the call in flight
+        except AgentError as exc:
+            state = self.follower.failed(exc)
+            report.status, report.label = state.status.value, state.label
+            report.error = f"{type(exc).__name__}: {exc}"
+            self._announce(state.label)
+            raise _TickAbortedError from exc
+        finally:
+            report.add_ms("wait", self._clock() - started)
+
+    def _drain(self, future: Future[_Inference], report: TickReport) -> None:
+        """Wait for a Predict whose tick was aborted; its outcome no longer matters."""
+        try:
+            self._wait(future, report)
+        except _TickAbortedError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the tick already failed; this only joins
+            log.debug("aborted chunk failed too", error=repr(exc))
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    # ---- labels and capture
+
+    def _announce(self, label: str) -> None:
+        """Publish the label to every turbine when it changes, and to new turbines."""
+        ids = self.buffers.ids
+        if label != self._label:
+            self._label, self._labelled = label, 0
+        if len(ids) > self._labelled:
+            self.sink.status(ids[self._labelled :], label)
+            self._labelled = len(ids)
+
+    def _capture(
+        self,
+        model: LoadedModel,
+        chunk: _Chunk,
+        windows: NDArray[np.float32],
+        output: NDArray[np.generic],
+    ) -> None:
+        chosen = np.flatnonzero(self._rng.random(len(chunk.slots)) < self.capture_fraction)
+        if not len(chosen):
+            return
+        self._captures += 1
+        capture_id = f"{self._capture_prefix}-{self._captures}"
+        turbines = [chunk.turbines[i] for i in chosen]
+        inputs = np.ascontiguousarray(windows[chosen].reshape(-1, *windows.shape[-3:]))
+        outputs = np.ascontiguousarray(output[chosen].reshape(-1, *windows.shape[-3:]))
+        aux = ("turbines", AuxEncoding.JSON, _json_list(turbines))
+        client = self.follower.client
+
+        def send() -> None:
+            try:
+                client.capture_data(
+                    model_name=model.name,
+                    capture_id=capture_id,
+                    inputs=[inputs],
+                    outputs=[outputs],
+                    aux_inputs=[aux],
+                )
+            except AgentError as exc:
+                self.capture_errors += 1
+                now = self._clock()
+                if now - self._capture_logged >= _CAPTURE_LOG_INTERVAL_S:
+                    self._capture_logged = now
+                    log.warning(
+                        "capture refused",
+                        error=f"{type(exc).__name__}: {exc}",
+                        failures=self.capture_errors,
+                    )
+
+        self._worker.submit(send)
+
+
+def _json_list(items: Sequence[str]) -> bytes:
+    return json.dumps(list(items)).encode()
