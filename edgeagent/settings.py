@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 log = structlog.get_logger(__name__)
@@ -113,6 +113,82 @@ class AgentSettings(BaseSettings):
     capture_status_ttl_seconds: float = Field(
         3600.0, gt=0, description="How long statuses of finished captures are remembered."
     )
+    # the spool (state_dir/capture) and its durability budget
+    capture_spool_max_bytes: int = Field(
+        256 * MIB,
+        ge=MIB,
+        description=(
+            "Bytes the spool may hold on disk; past this (or capture_buffer_size captures) "
+            "a new capture is refused with RESOURCE_EXHAUSTED."
+        ),
+    )
+    capture_max_unsynced: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Captures acknowledged but not yet fsynced to the spool, at most: the most a "
+            "crash or power loss can lose. Past it, CaptureData answers RESOURCE_EXHAUSTED "
+            "until the disk catches up."
+        ),
+    )
+    capture_commit_window_seconds: float = Field(
+        0.02,
+        ge=0,
+        le=1.0,
+        description=(
+            "Group commit: captures arriving within this window share one write and one "
+            "fsync (fewer wake-ups beside Predict). Adds at most this much to the time an "
+            "acknowledged capture is not yet on disk; ignored with capture_sync_ack."
+        ),
+    )
+    capture_sync_ack: bool = Field(
+        False,
+        description=(
+            "Answer CaptureData only once its record is fsynced (group commit): nothing "
+            "acknowledged is ever lost, at the cost of about one fsync of latency per call."
+        ),
+    )
+    capture_retry_max_seconds: float = Field(
+        60.0, gt=0, description="Longest wait between two upload attempts (exponential backoff)."
+    )
+    capture_upload_timeout_seconds: float = Field(
+        20.0, gt=0, description="Connect and read timeout of one upload request."
+    )
+    capture_s3_region: str | None = Field(
+        None, description="AWS region of the capture bucket; None uses the default chain's."
+    )
+    # AWS IoT credentials provider (IOT_JOBS.md section 3): when an endpoint is
+    # set, S3 uploads use temporary credentials obtained with the device
+    # certificate instead of the default credential chain.
+    capture_iot_credentials_endpoint: str | None = Field(
+        None,
+        description=(
+            "IoT credentials provider: a host name (<prefix>.credentials.iot.<region>."
+            "amazonaws.com, optionally :port), or the full URL "
+            "https://<host>/role-aliases/<alias>/credentials."
+        ),
+    )
+    capture_iot_role_alias: str | None = Field(
+        None, description="IoT role alias (needed unless the endpoint URL names it)."
+    )
+    capture_iot_thing_name: str | None = Field(
+        None, description="Thing name sent as x-amzn-iot-thingname (default: device_id)."
+    )
+    capture_iot_cert_file: Path | None = Field(
+        None, description="Device certificate (PEM) for the credentials provider's mutual TLS."
+    )
+    capture_iot_key_file: Path | None = Field(
+        None, description="Device private key (PEM) for the credentials provider."
+    )
+    capture_iot_ca_file: Path | None = Field(
+        None, description="CA bundle that signs the credentials endpoint (Amazon Root CA 1)."
+    )
+
+    @model_validator(mode="after")
+    def _cloud_needs_a_bucket(self) -> AgentSettings:
+        if self.capture_destination == "Cloud" and not self.capture_s3_bucket:
+            raise ValueError("capture_destination Cloud needs capture_s3_bucket")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -141,15 +217,15 @@ SAGEMAKER_KEYS: dict[str, str] = {
     "sagemaker_edge_core_capture_data_disk_path": "capture_disk_path",
     "sagemaker_edge_provider_s3_bucket_name": "capture_s3_bucket",
     "sagemaker_edge_core_folder_prefix": "capture_prefix",
+    "sagemaker_edge_core_region": "capture_s3_region",
+    "sagemaker_edge_provider_aws_iot_cred_endpoint": "capture_iot_credentials_endpoint",
+    "sagemaker_edge_provider_aws_cert_file": "capture_iot_cert_file",
+    "sagemaker_edge_provider_aws_cert_pk_file": "capture_iot_key_file",
+    "sagemaker_edge_provider_aws_ca_cert_file": "capture_iot_ca_file",
 }
 SAGEMAKER_IGNORED: frozenset[str] = frozenset(
     {
-        "sagemaker_edge_core_region",
         "sagemaker_edge_core_root_certs_path",
-        "sagemaker_edge_provider_aws_ca_cert_file",
-        "sagemaker_edge_provider_aws_cert_file",
-        "sagemaker_edge_provider_aws_cert_pk_file",
-        "sagemaker_edge_provider_aws_iot_cred_endpoint",
         "sagemaker_edge_provider_provider",
         "sagemaker_edge_provider_provider_path",
         "sagemaker_edge_log_verbose",
