@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from grpc_health.v1 import health
 
 from edgeagent import __doc__ as package_doc
-from edgeagent.capture import CaptureSink, StatusBook
+from edgeagent.capture import StatusBook
+from edgeagent.capture_spool import CaptureSpool, spool_config
+from edgeagent.capture_upload import CaptureConfigError, Uploader, build_destination
 from edgeagent.grpc_server import SocketInUseError, build_server
 from edgeagent.package import PackageError, load_trusted_keys
 from edgeagent.registry import ModelRegistry, StateStore
@@ -59,10 +61,26 @@ class AgentApp:
             loader=loader, store=StateStore(settings.state_dir), max_models=settings.max_models
         )
         self.capture_statuses = StatusBook(ttl_seconds=settings.capture_status_ttl_seconds)
-        self.capture_sink = CaptureSink(capacity=settings.capture_buffer_size)
+        try:
+            destination = build_destination(settings)
+        except ValueError as exc:
+            raise CaptureConfigError(str(exc)) from exc
+        self.capture_spool = CaptureSpool(
+            directory=settings.state_dir / "capture",
+            statuses=self.capture_statuses,
+            config=spool_config(settings),
+        )
+        self.capture_spool.open()  # takes the spool's lock, recovers what a crash left
+        self.capture_uploader = Uploader(
+            spool=self.capture_spool,
+            destination=destination,
+            device_id=settings.device_id,
+            prefix=settings.capture_prefix,
+            retry_max=settings.capture_retry_max_seconds,
+        )
         self.service = AgentService(
             registry=self.registry,
-            capture_sink=self.capture_sink,
+            capture_sink=self.capture_spool,
             capture_statuses=self.capture_statuses,
             max_batch=settings.max_batch,
         )
@@ -81,6 +99,11 @@ class AgentApp:
         return load_trusted_keys(directory)
 
     def start(self) -> None:
+        self.capture_spool.start()
+        self.capture_uploader.start()
+        if threading.current_thread() is threading.main_thread():
+            # `edgectl capture flush` (or `kill -USR1`): seal and upload the spool now
+            signal.signal(signal.SIGUSR1, lambda _signum, _frame: self.flush_captures())
         failed = self.registry.restore()
         self.server, self.health = build_server(
             self.service,
@@ -105,8 +128,15 @@ class AgentApp:
             self.health.enter_graceful_shutdown()
         if self.server is not None:
             self.server.stop(grace).wait()
-        self.capture_sink.close()
+        # the uploader first, so that nothing touches the spool once its lock is gone
+        self.capture_uploader.close(timeout=grace)
+        self.capture_spool.close()  # what was acknowledged is fsynced before we exit
         log.info("agent stopped")
+
+    def flush_captures(self) -> None:
+        """Seal the open capture segment and retry uploads now."""
+        self.capture_spool.flush()
+        self.capture_uploader.kick()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

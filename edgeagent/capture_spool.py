@@ -1,0 +1,828 @@
+"""The capture spool: accepted captures on disk until they are uploaded.
+
+Layout under ``state_dir/capture/``::
+
+    LOCK                          flock held by the one process using the spool; holds its pid
+    spool/seg-000000000042.open   the segment being appended to (at most one)
+    spool/seg-000000000041.sealed-1732650000
+                                  a sealed segment = one upload batch (sealed at that epoch second)
+    statuses.log                  finished capture ids (SUCCESS / FAILURE) and when
+    rejected/                     sealed segments the destination refused for good
+
+Each line of ``statuses.log`` is ``<crc32, 8 hex> <JSON>\\n`` and each line of a
+segment ``<crc32> <header JSON>\\t<record JSON>\\n``: a torn or corrupted line
+fails its checksum and is skipped alone, the lines before and after it stay
+readable. The header is ``{"v": 1, "id", "model", "fleet", "t", "side"}`` (``side``: the
+base64 of auxiliary payloads that go to side files); the record is the
+capture's final JSON record (``edgeagent.capture.build_record``), rendered
+once, here, and uploaded as these very bytes.
+
+Durability (the choice, and its budget): ``put`` checks the spool's limits,
+queues the request and returns; a writer thread renders queued captures,
+appends them and fsyncs them as a group (group commit: captures that arrive
+within ``capture_commit_window_seconds``, default 20 ms, share one write and
+one fsync). So CaptureData never waits for the disk and never holds a gRPC
+worker on I/O, and capturing every prediction costs Predict almost nothing
+(measured: test_capture_latency.py). What a crash or power loss can lose is
+bounded: at most ``capture_max_unsynced`` acknowledged captures (queued or
+written but not yet fsynced; past that number CaptureData answers
+RESOURCE_EXHAUSTED until the disk catches up), in practice those acknowledged
+during the last commit window plus one fsync. A process crash alone (SIGKILL,
+OOM) loses only what was still queued, since written data is in the page
+cache. With ``capture_sync_ack`` the call returns only once its record is
+fsynced (no window; about one fsync of latency per call), and nothing
+acknowledged is ever lost.
+
+A segment is sealed (fsynced, renamed ``.sealed-<epoch>``, directory fsynced)
+when it holds ``capture_batch_size`` records or its first record is
+``capture_push_period_seconds`` old, or on ``flush()``; a sealed segment is
+immutable and is exactly one upload batch, so its batch id (from its seal time
+and the hash of its bytes) is the same however often it is uploaded. After a
+crash, the open segment is truncated after its last whole line and sealed;
+every record found in a segment is IN_PROGRESS again, and the uploads resume.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import signal
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from edgeagent.capture import CaptureRequest, CaptureStatus, StatusBook, build_record
+from edgeagent.errors import ResourceExhaustedError
+from edgecommon.fsutil import atomic_write_bytes, fsync_dir
+
+if TYPE_CHECKING:
+    from edgeagent.settings import AgentSettings
+
+log = structlog.get_logger(__name__)
+
+ENVELOPE_VERSION = 1
+SEGMENT_RE = re.compile(r"seg-(\d{12})\.(open|sealed-(\d+))")
+LOCK_FILE = "LOCK"
+JOURNAL_FILE = "statuses.log"
+CRASH_POINT_ENV = "WINDEDGE_CAPTURE_CRASH_POINT"
+_JOURNAL_COMPACT_MIN = 1024 * 1024
+SYNC_ACK_TIMEOUT_S = 30.0
+
+
+class SpoolLockedError(OSError):
+    """Another process (an agent, or ``edgectl capture flush``) uses this spool."""
+
+    def __init__(self, directory: Path, pid: int | None) -> None:
+        who = f"process {pid}" if pid else "another process"
+        super().__init__(
+            errno.EWOULDBLOCK, f"capture spool {directory} is in use by {who} (another agent?)"
+        )
+        self.pid = pid
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process at a named point when the environment asks (crash tests)."""
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        log.warning("crash point reached: killing myself", point=name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- lines -----------------------------------------------------------------------------
+def encode_line(value: Any, record: bytes | None = None) -> bytes:
+    """``<crc32> <JSON>\n``, or ``<crc32> <JSON>\t<record JSON>\n`` with a record.
+
+    A record travels as the exact bytes that will be uploaded, rendered once:
+    the uploader never parses and re-serialises it. JSON text never holds a
+    raw tab or newline, so both separators are unambiguous.
+    """
+    body = json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    if record is not None:
+        body = b"%s\t%s" % (body, record)
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def split_line(line: bytes) -> tuple[Any, bytes | None] | None:
+    """(JSON value, record bytes or None) of a whole line; None when torn or corrupted."""
+    if len(line) < 11 or not line.endswith(b"\n") or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        head, tab, record = body.partition(b"\t")
+        return json.loads(head), (record if tab else None)
+    except ValueError:
+        return None
+
+
+def decode_line(line: bytes) -> Any | None:
+    """The JSON value of a whole line, or None when it is torn or corrupted."""
+    parts = split_line(line)
+    return None if parts is None else parts[0]
+
+
+def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(end offset, line) of every newline-terminated line, and a last torn one."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        stop = len(data) if end < 0 else end + 1
+        yield stop, data[start:stop]
+        start = stop
+
+
+# -- entries and segments -----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """One spooled capture, as read back for upload."""
+
+    capture_id: str
+    model: str
+    fleet: str
+    inference_time: float
+    record_json: bytes  # the record exactly as it is uploaded
+    side_files: dict[str, str]  # relative key -> base64 payload
+
+    def record(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.record_json)
+        return value
+
+
+def _entry(parts: tuple[Any, bytes | None] | None) -> SpoolEntry | None:
+    if parts is None:
+        return None
+    value, record = parts
+    if record is None or not isinstance(value, dict) or value.get("v") != ENVELOPE_VERSION:
+        return None
+    try:
+        return SpoolEntry(
+            capture_id=str(value["id"]),
+            model=str(value["model"]),
+            fleet=str(value["fleet"]),
+            inference_time=float(value["t"]),
+            record_json=record,
+            side_files={str(k): str(v) for k, v in dict(value.get("side") or {}).items()},
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentContent:
+    entries: list[SpoolEntry]
+    corrupt_lines: int
+    valid_end: int  # offset just after the last valid line
+    data: bytes
+
+
+def read_segment_bytes(data: bytes) -> SegmentContent:
+    entries: list[SpoolEntry] = []
+    corrupt = 0
+    valid_end = 0
+    for end, line in iter_lines(data):
+        entry = _entry(split_line(line))
+        if entry is None:
+            corrupt += 1
+            continue
+        entries.append(entry)
+        valid_end = end
+    return SegmentContent(entries=entries, corrupt_lines=corrupt, valid_end=valid_end, data=data)
+
+
+@dataclass(slots=True)
+class Segment:
+    seq: int
+    path: Path
+    sealed_at: int | None = None  # epoch seconds; None while open
+    ids: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    opened_mono: float = 0.0  # when its first record was written (push period)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def batch_id(self, device_id: str, data: bytes) -> str:
+        """Deterministic: the same sealed segment always yields the same id."""
+        if self.sealed_at is None:
+            raise ValueError("an open segment has no batch id")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.sealed_at))
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        return f"{device_id}-{stamp}-{digest}"
+
+
+def segment_name(seq: int, sealed_at: int | None) -> str:
+    return f"seg-{seq:012d}." + ("open" if sealed_at is None else f"sealed-{sealed_at}")
+
+
+# -- the status journal -----------------------------------------------------------------
+class StatusJournal:
+    """Finished statuses on disk, so they survive a restart (bounded by compaction)."""
+
+    def __init__(self, path: Path, statuses: StatusBook) -> None:
+        self._path = path
+        self._statuses = statuses
+        self._lock = threading.Lock()
+        self._compact_at = _JOURNAL_COMPACT_MIN
+
+    def restore(self) -> int:
+        """Load remembered statuses into the book, then rewrite the journal compactly."""
+        try:
+            data = self._path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        restored = 0
+        for _, line in iter_lines(data):
+            value = decode_line(line)
+            if not isinstance(value, dict):
+                continue
+            try:
+                status = CaptureStatus[str(value["s"])]
+                self._statuses.restore(str(value["id"]), status, float(value["t"]))
+                restored += 1
+            except (KeyError, TypeError, ValueError):
+                continue
+        self.compact()
+        return restored
+
+    def append(self, entries: list[tuple[str, CaptureStatus, float]], *, sync: bool) -> None:
+        if not entries:
+            return
+        data = b"".join(
+            encode_line({"id": i, "s": s.name, "t": round(t, 3)}) for i, s, t in entries
+        )
+        with self._lock:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                if sync:
+                    os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size > self._compact_at:
+                self._compact_locked()
+
+    def compact(self) -> None:
+        with self._lock:
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        data = b"".join(
+            encode_line({"id": i, "s": s.name, "t": round(t, 3)})
+            for i, s, t in self._statuses.finished()
+        )
+        atomic_write_bytes(self._path, data, mode=0o600)
+        self._compact_at = max(_JOURNAL_COMPACT_MIN, 2 * len(data))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# -- the spool ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolConfig:
+    device_id: str
+    fleet_name: str
+    embed_limit: int = 3072
+    max_records: int = 1024  # capture_buffer_size
+    max_bytes: int = 256 * 1024 * 1024
+    batch_size: int = 64
+    push_period: float = 4.0
+    max_unsynced: int = 64
+    sync_ack: bool = False
+    commit_window: float = 0.02
+
+
+def spool_config(settings: AgentSettings) -> SpoolConfig:
+    return SpoolConfig(
+        device_id=settings.device_id,
+        fleet_name=settings.fleet_name,
+        embed_limit=settings.capture_base64_embed_limit,
+        max_records=settings.capture_buffer_size,
+        max_bytes=settings.capture_spool_max_bytes,
+        batch_size=settings.capture_batch_size,
+        push_period=settings.capture_push_period_seconds,
+        max_unsynced=settings.capture_max_unsynced,
+        sync_ack=settings.capture_sync_ack,
+        commit_window=settings.capture_commit_window_seconds,
+    )
+
+
+@dataclass(slots=True)
+class _Queued:
+    request: CaptureRequest
+    estimate: int
+    ticket: int
+
+
+class CaptureSpool:
+    """The ``CaptureSink`` of the agent: bounded, on disk, crash-safe.
+
+    ``open()`` takes the lock and recovers what a previous process left;
+    ``start()`` starts the writer thread; ``close()`` writes what is queued and
+    stops. The uploader takes sealed segments with ``next_sealed`` and ends
+    each with ``complete`` or ``reject``.
+    """
+
+    def __init__(self, *, directory: Path, statuses: StatusBook, config: SpoolConfig) -> None:
+        self.directory = directory
+        self.segments_dir = directory / "spool"
+        self.rejected_dir = directory / "rejected"
+        self._statuses = statuses
+        self._config = config
+        self._journal = StatusJournal(directory / JOURNAL_FILE, statuses)
+        self._cond = threading.Condition()
+        self._queue: deque[_Queued] = deque()
+        self._sealed: deque[Segment] = deque()  # oldest first
+        self._open: Segment | None = None
+        self._open_fd: int | None = None
+        self._next_seq = 1
+        self._records = 0  # queued + in segments
+        self._bytes = 0  # estimates of queued + segment sizes
+        self._next_ticket = 1
+        self._durable_ticket = 0
+        self._flush_requested = False
+        self._closing = False
+        self._writer_idle = False  # waiting for work (not collecting a group)
+        self._lock_fd: int | None = None
+        self._writer: threading.Thread | None = None
+        self._dropped_ids: deque[str] = deque(maxlen=4096)
+        self._counts: dict[str, int] = {}
+        self.listeners: list[threading.Event] = []  # set whenever a segment is sealed
+
+    # -- life cycle ----------------------------------------------------------------
+    def open(self) -> None:
+        """Take the spool's lock and recover it (raises SpoolLockedError when in use)."""
+        for folder in (self.directory, self.segments_dir, self.rejected_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = lock_spool(self.directory)
+        restored = self._journal.restore()
+        self._recover()
+        log.info(
+            "capture spool open",
+            directory=str(self.directory),
+            sealed_batches=len(self._sealed),
+            spooled=self._records,
+            statuses_restored=restored,
+        )
+
+    def start(self) -> None:
+        if self._writer is not None:
+            return
+        self._writer = threading.Thread(
+            target=self._writer_loop, name="capture-writer", daemon=True
+        )
+        self._writer.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write and fsync what is queued, stop the writer, release the lock."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout)
+            if self._writer.is_alive():
+                log.error("capture writer did not stop in time")
+                return
+        else:
+            self._write_queued()
+        self._close_open_fd()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the sink ------------------------------------------------------------------
+    def put(self, request: CaptureRequest) -> None:
+        estimate = request.payload_bytes() * 4 // 3 + 1024
+        cfg = self._config
+        with self._cond:
+            reason = None
+            if self._closing:
+                reason = "the agent is stopping"
+            elif self._records >= cfg.max_records:
+                reason = f"capture spool full ({self._records} captures waiting for upload)"
+            elif self._bytes + estimate > cfg.max_bytes:
+                reason = f"capture spool full ({self._bytes} bytes waiting for upload)"
+            elif len(self._queue) >= cfg.max_unsynced:
+                reason = f"capture spool writer behind ({len(self._queue)} captures not on disk)"
+            if reason is not None:
+                self._count("dropped")
+                self._dropped_ids.append(request.capture_id)
+                self._cond.notify_all()
+                raise ResourceExhaustedError(reason)
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._queue.append(_Queued(request, estimate, ticket))
+            self._records += 1
+            self._bytes += estimate
+            self._count("accepted")
+            if self._writer_idle or cfg.sync_ack or len(self._queue) >= cfg.max_unsynced // 2:
+                self._cond.notify_all()  # otherwise the writer is already collecting a group
+            if not cfg.sync_ack:
+                return
+            durable = self._cond.wait_for(
+                lambda: self._durable_ticket >= ticket, timeout=SYNC_ACK_TIMEOUT_S
+            )
+        if not durable:
+            raise ResourceExhaustedError(
+                f"capture not on disk after {SYNC_ACK_TIMEOUT_S:.0f} s (the disk is too slow)"
+            )
+        if self._statuses.get(request.capture_id) is CaptureStatus.FAILURE:
+            raise ResourceExhaustedError("capture could not be written to the spool")
+
+    def flush(self) -> None:
+        """Seal the open segment now (its records become an upload batch)."""
+        with self._cond:
+            self._flush_requested = True
+            self._cond.notify_all()
+
+    # -- for the uploader ---------------------------------------------------------
+    def next_sealed(self) -> Segment | None:
+        with self._cond:
+            return self._sealed[0] if self._sealed else None
+
+    def read(self, segment: Segment) -> SegmentContent:
+        content = read_segment_bytes(segment.path.read_bytes())
+        if content.corrupt_lines:
+            log.warning(
+                "corrupt records skipped in capture segment",
+                segment=segment.name,
+                corrupt=content.corrupt_lines,
+            )
+        return content
+
+    def complete(self, segment: Segment) -> None:
+        """The batch is in the destination: statuses SUCCESS, segment removed."""
+        self._finish(segment, CaptureStatus.SUCCESS)
+        segment.path.unlink(missing_ok=True)
+        fsync_dir(self.segments_dir)
+        self._release(segment)
+        self._count("uploaded", len(segment.ids))
+
+    def reject(self, segment: Segment, reason: str) -> None:
+        """The destination refused the batch for good: statuses FAILURE, segment kept aside."""
+        log.error(
+            "capture batch rejected", segment=segment.name, captures=len(segment.ids), reason=reason
+        )
+        self._finish(segment, CaptureStatus.FAILURE)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(segment.path, self.rejected_dir / segment.name)
+        fsync_dir(self.segments_dir)
+        fsync_dir(self.rejected_dir)
+        self._prune_rejected()
+        self._release(segment)
+        self._count("rejected", len(segment.ids))
+
+    def seal_all(self) -> None:
+        """Seal the open segment now, from this thread (no writer running: edgectl)."""
+        self._write_queued()
+        self._seal_open()
+
+    # -- introspection ------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                **self._counts,
+                "spooled": self._records,
+                "spooled_bytes": self._bytes,
+                "sealed_batches": len(self._sealed),
+            }
+
+    # -- internals ----------------------------------------------------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._cond:  # re-entrant: callers may hold it already
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    def _finish(self, segment: Segment, status: CaptureStatus) -> None:
+        now = time.time()
+        for capture_id in segment.ids:
+            self._statuses.set(capture_id, status, at=now)
+        self._journal.append([(i, status, now) for i in segment.ids], sync=True)
+
+    def _release(self, segment: Segment) -> None:
+        with self._cond:
+            if self._sealed and self._sealed[0] is segment:
+                self._sealed.popleft()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._sealed.remove(segment)
+            self._records -= len(segment.ids)
+            self._bytes -= segment.nbytes
+            self._cond.notify_all()
+
+    def _recover(self) -> None:
+        found: list[tuple[int, Path, int | None]] = []
+        for path in self.segments_dir.iterdir():
+            match = SEGMENT_RE.fullmatch(path.name)
+            if match is None:
+                if path.name.startswith(".") or path.suffix == ".tmp":
+                    path.unlink(missing_ok=True)  # an interrupted write of ours
+                continue
+            sealed = None if match.group(2) == "open" else int(match.group(3))
+            found.append((int(match.group(1)), path, sealed))
+        found.sort()
+        for seq, path, sealed in found:
+            self._next_seq = max(self._next_seq, seq + 1)
+            content = read_segment_bytes(path.read_bytes())
+            segment = Segment(seq=seq, path=path, sealed_at=sealed)
+            segment.ids = [e.capture_id for e in content.entries]
+            if sealed is None:
+                # torn tail from a crash: keep only whole, valid lines, then seal
+                if content.valid_end < len(content.data):
+                    with open(path, "r+b") as handle:
+                        handle.truncate(content.valid_end)
+                        os.fsync(handle.fileno())
+                if not segment.ids:
+                    path.unlink()
+                    fsync_dir(self.segments_dir)
+                    continue
+                segment.nbytes = content.valid_end
+                self._seal(segment)
+            else:
+                segment.nbytes = len(content.data)
+            if content.corrupt_lines:
+                log.warning(
+                    "capture segment has corrupt records (skipped)",
+                    segment=path.name,
+                    corrupt=content.corrupt_lines,
+                )
+            for entry in content.entries:
+                self._statuses.set(entry.capture_id, CaptureStatus.IN_PROGRESS)
+            self._sealed.append(segment)
+            self._records += len(segment.ids)
+            self._bytes += segment.nbytes
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._writer_idle = True
+                while not self._work_due():
+                    self._cond.wait(self._seal_wait())
+                self._writer_idle = False
+                if self._queue and not self._config.sync_ack:
+                    # group commit: let captures arriving close together share one
+                    # write and one fsync (fewer wake-ups and fsyncs beside Predict)
+                    deadline = time.monotonic() + self._config.commit_window
+                    while (
+                        not self._closing
+                        and not self._flush_requested
+                        and len(self._queue) < self._config.max_unsynced // 2
+                        and (left := deadline - time.monotonic()) > 0
+                    ):
+                        self._cond.wait(left)
+                closing = self._closing and not self._queue
+            try:
+                self._write_queued()
+                with self._cond:
+                    flush, self._flush_requested = self._flush_requested, False
+                if flush or self._seal_due():
+                    self._seal_open()
+            except OSError as exc:  # the disk failed us: keep running, say so
+                log.error("capture spool write failed", error=str(exc))
+                time.sleep(0.5)
+            if closing:
+                with self._cond:
+                    self._durable_ticket = self._next_ticket
+                    self._cond.notify_all()
+                return
+
+    def _work_due(self) -> bool:
+        return bool(
+            self._queue
+            or self._closing
+            or self._flush_requested
+            or self._dropped_ids
+            or self._seal_due()
+        )
+
+    def _seal_due(self) -> bool:
+        seg = self._open
+        if seg is None or not seg.ids:
+            return False
+        return (
+            len(seg.ids) >= self._config.batch_size
+            or time.monotonic() - seg.opened_mono >= self._config.push_period
+        )
+
+    def _seal_wait(self) -> float | None:
+        seg = self._open
+        if seg is None or not seg.ids:
+            return None
+        return max(0.0, seg.opened_mono + self._config.push_period - time.monotonic()) + 0.001
+
+    def _write_queued(self) -> None:
+        """Render, append and fsync everything queued (one fsync per segment touched)."""
+        with self._cond:
+            items = list(self._queue)
+            self._queue.clear()
+            dropped = list(self._dropped_ids)
+            self._dropped_ids.clear()
+        if dropped:
+            now = time.time()
+            self._journal.append([(i, CaptureStatus.FAILURE, now) for i in dropped], sync=False)
+        pos = 0
+        while pos < len(items):
+            try:
+                segment = self._ensure_open()
+            except OSError:
+                self._fail(items[pos:], "spool segment cannot be created")
+                raise
+            room = max(1, self._config.batch_size - len(segment.ids))
+            chunk = items[pos : pos + room]
+            pos += len(chunk)
+            lines: list[bytes] = []
+            written: list[_Queued] = []
+            unrenderable: list[_Queued] = []
+            for item in chunk:
+                try:
+                    lines.append(self._render(item.request))
+                    written.append(item)
+                except (TypeError, ValueError) as exc:
+                    log.error(
+                        "capture cannot be rendered",
+                        capture_id=item.request.capture_id,
+                        error=str(exc),
+                    )
+                    unrenderable.append(item)
+            self._fail(unrenderable, "capture cannot be rendered")
+            data = b"".join(lines)
+            try:
+                self._append(segment, data)
+            except OSError:
+                self._fail(written + items[pos:], "spool write failed")
+                raise
+            with self._cond:
+                if not segment.ids:
+                    segment.opened_mono = time.monotonic()
+                segment.ids.extend(item.request.capture_id for item in written)
+                segment.nbytes += len(data)
+                self._bytes += len(data) - sum(item.estimate for item in written)
+                self._durable_ticket = max(self._durable_ticket, chunk[-1].ticket)
+                self._cond.notify_all()
+            if len(segment.ids) >= self._config.batch_size:
+                self._seal_open()
+
+    def _fail(self, items: list[_Queued], reason: str) -> None:
+        """Queued captures that will never be on disk: FAILURE, capacity given back."""
+        if not items:
+            return
+        now = time.time()
+        for item in items:
+            self._statuses.set(item.request.capture_id, CaptureStatus.FAILURE, at=now)
+        with self._cond:
+            self._records -= len(items)
+            self._bytes -= sum(item.estimate for item in items)
+            self._durable_ticket = max(self._durable_ticket, *(i.ticket for i in items))
+            self._count("write_failed", len(items))
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self._journal.append(
+                [(i.request.capture_id, CaptureStatus.FAILURE, now) for i in items], sync=False
+            )
+        log.error("captures lost", count=len(items), reason=reason)
+
+    def _render(self, request: CaptureRequest) -> bytes:
+        cfg = self._config
+        built = build_record(
+            request,
+            device_id=cfg.device_id,
+            fleet_name=cfg.fleet_name,
+            embed_limit=cfg.embed_limit,
+        )
+        header: dict[str, Any] = {
+            "v": ENVELOPE_VERSION,
+            "id": request.capture_id,
+            "model": request.model_name,
+            "fleet": cfg.fleet_name,
+            "t": request.inference_time,
+        }
+        if built.side_files:
+            header["side"] = {
+                k: base64.b64encode(v).decode("ascii") for k, v in built.side_files.items()
+            }
+        record = json.dumps(built.record, separators=(",", ":"), ensure_ascii=True)
+        return encode_line(header, record.encode("ascii"))
+
+    def _ensure_open(self) -> Segment:
+        if self._open is not None:
+            return self._open
+        seq = self._next_seq
+        self._next_seq += 1
+        path = self.segments_dir / segment_name(seq, None)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fsync_dir(self.segments_dir)
+        segment = Segment(seq=seq, path=path, opened_mono=time.monotonic())
+        with self._cond:
+            self._open = segment
+            self._open_fd = fd
+        return segment
+
+    def _append(self, segment: Segment, data: bytes) -> None:
+        fd = self._open_fd
+        if fd is None or not data:
+            return
+        before = segment.nbytes
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            # take back a partial write so later lines start clean
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, before)
+            raise
+
+    def _seal_open(self) -> None:
+        segment = self._open
+        if segment is None:
+            return
+        if not segment.ids:
+            return
+        self._close_open_fd()
+        self._seal(segment)
+        with self._cond:
+            self._open = None
+            self._sealed.append(segment)
+            self._cond.notify_all()
+        for event in self.listeners:
+            event.set()
+
+    def _seal(self, segment: Segment) -> None:
+        sealed_at = int(time.time())
+        crash_point("seal-before-rename")
+        target = self.segments_dir / segment_name(segment.seq, sealed_at)
+        os.replace(segment.path, target)
+        fsync_dir(self.segments_dir)
+        segment.path = target
+        segment.sealed_at = sealed_at
+
+    def _close_open_fd(self) -> None:
+        with self._cond:
+            fd, self._open_fd = self._open_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _prune_rejected(self, keep: int = 100) -> None:
+        rejected = sorted(self.rejected_dir.iterdir())
+        for path in rejected[: max(0, len(rejected) - keep)]:
+            path.unlink(missing_ok=True)
+
+
+# -- the lock ------------------------------------------------------------------------------
+def lock_spool(directory: Path) -> int:
+    """flock ``directory/LOCK`` and write our pid in it; SpoolLockedError when held."""
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = spool_owner(directory)
+        os.close(fd)
+        raise SpoolLockedError(directory, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def spool_owner(directory: Path) -> int | None:
+    """The pid written in the spool's lock file (meaningful only while it is locked)."""
+    try:
+        text = (directory / LOCK_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+__all__ = [
+    "CRASH_POINT_ENV",
+    "CaptureSpool",
+    "Segment",
+    "SegmentContent",
+    "SpoolConfig",
+    "SpoolEntry",
+    "SpoolLockedError",
+    "crash_point",
+    "decode_line",
+    "encode_line",
+    "split_line",
+    "lock_spool",
+    "read_segment_bytes",
+    "spool_config",
+    "spool_owner",
+]
