@@ -56,6 +56,8 @@ class MqttConnection:
         self._connect_hooks: list[Callable[[MqttConnection], None]] = []
         self._handler = on_message
         self._connected = threading.Event()
+        self._subscriptions: dict[int, str] = {}  # message id -> topic, until the SUBACK
+        self._subscriptions_lock = threading.Lock()  # the SUBACK may beat subscribe()'s return
         self._stopping = False
         self.connects = 0
         self.handler_errors = 0
@@ -70,6 +72,7 @@ class MqttConnection:
         # report, and it would format one DEBUG line per received message
         client.on_connect = self._connect_callback
         client.on_disconnect = self._disconnect_callback
+        client.on_subscribe = self._subscribe_callback
         if on_message is not None:
             client.on_message = self._message_callback
         self._client = client
@@ -107,7 +110,11 @@ class MqttConnection:
     # ---- traffic
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
-        result, _mid = self._client.subscribe(topic, qos)
+        """Subscribe; the broker's answer is logged ("subscribed" or "subscription refused")."""
+        with self._subscriptions_lock:
+            result, mid = self._client.subscribe(topic, qos)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._subscriptions[mid] = topic
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("subscribe failed", client=self.client_id, topic=topic, rc=result.name)
 
@@ -140,6 +147,22 @@ class MqttConnection:
         self._connected.set()
         for hook in self._connect_hooks:
             hook(self)
+
+    def _subscribe_callback(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        _properties: Any,
+    ) -> None:
+        with self._subscriptions_lock:
+            topic = self._subscriptions.pop(mid, None)
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.warning("subscription refused", client=self.client_id, topic=topic, reasons=refused)
+        else:
+            log.info("subscribed", client=self.client_id, topic=topic)
 
     def _disconnect_callback(
         self,

@@ -8,14 +8,10 @@ about payloads (parsing, validation, counting) is the ingestor's business.
 
 from __future__ import annotations
 
-import structlog
-
 from edgeapp.ingest import Ingestor
 from edgeapp.mqtt import BrokerConfig, MqttConnection
 
 __all__ = ["MqttSource"]
-
-log = structlog.get_logger("edgeapp.source")
 
 
 class MqttSource:
@@ -35,7 +31,6 @@ class MqttSource:
 
     def _subscribe(self, connection: MqttConnection) -> None:
         connection.subscribe(self.topic, self.qos)
-        log.info("subscribed", topic=self.topic)
 
     def start(self) -> None:
         self.connection.start()
