@@ -25,7 +25,7 @@ from edgeagent import __doc__ as package_doc
 from edgeagent.capture import StatusBook
 from edgeagent.capture_spool import CaptureSpool, spool_config
 from edgeagent.capture_upload import CaptureConfigError, Uploader, build_destination
-from edgeagent.grpc_server import SocketInUseError, build_server
+from edgeagent.grpc_server import SocketInUseError, build_server, prepare_socket_path
 from edgeagent.package import PackageError, load_trusted_keys
 from edgeagent.registry import ModelRegistry, StateStore
 from edgeagent.runtime import RuntimeOptions
@@ -99,6 +99,8 @@ class AgentApp:
         return load_trusted_keys(directory)
 
     def start(self) -> None:
+        # a live agent on the socket wins: find out before touching any state
+        prepare_socket_path(self.settings.socket)
         self.capture_spool.start()
         self.capture_uploader.start()
         if threading.current_thread() is threading.main_thread():
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start", error=str(exc))
         print(f"edge-agent: {exc}", file=sys.stderr)  # noqa: T201 - the operator's terminal
         return 1
-    except (PackageError, OSError) as exc:
+    except (PackageError, OSError, ConfigError) as exc:
         log.error("cannot start", error=str(exc), error_type=type(exc).__name__)
         print(f"edge-agent: {exc}", file=sys.stderr)  # noqa: T201 - the operator's terminal
         return 1

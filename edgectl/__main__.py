@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import models, package
+from edgectl.commands import capture, models, package
 from edgectl.errors import CommandError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models.add_parser(sub)
     package.add_parser(sub)
+    capture.add_parser(sub)
     return parser
 
 

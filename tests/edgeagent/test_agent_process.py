@@ -122,12 +122,6 @@ def test_second_agent_on_a_live_socket_exits_and_the_first_keeps_serving(
     assert_predicts(first, "wt", Path(packages.v1) / "model.onnx", reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgeagent/__main__.py AgentApp.start restores models before build_server checks "
-    "the socket: a second agent on the same socket and state dir loads every model and "
-    "rewrites the first one's models.json before it exits. Check the socket first.",
-)
 def test_second_agent_leaves_the_first_agents_state_alone(
     start_agent: Any, packages: Any, short_tmp: Path
 ) -> None:
