@@ -169,6 +169,11 @@ class Ingestor:
             return
         self._ingest(obj, arrival, slot, turbine, topic)
 
+    def on_oversized(self, topic: str, size: int, arrival: float) -> None:
+        """A message the transport skipped unread because of its size."""
+        self.messages += 1
+        self.drops.add(DropReason.OVERSIZED, f"{topic} ({size} bytes)", arrival)
+
     def ingest_object(self, turbine: str, obj: object, arrival: float) -> None:
         """One already-parsed record of a turbine (the replay source)."""
         self.messages += 1

@@ -1,17 +1,24 @@
 """The MQTT source: the device's sensor topics into the ingestor.
 
-A thin adapter: it subscribes to ``mqtt_topic`` (``wind-turbine/+/raw-data``)
-after every (re)connection and hands each message's topic, payload and
-arrival time to ``Ingestor.on_message``, on paho's network thread. Everything
-about payloads (parsing, validation, counting) is the ingestor's business.
+A thin adapter: it keeps one subscription to ``mqtt_topic``
+(``wind-turbine/+/raw-data``) through ``MqttSubscriber`` (reconnecting with
+backoff, subscribing again after every reconnection) and hands each message's
+topic, payload and arrival time to ``Ingestor.on_message``, on the
+subscriber's thread. Everything about payloads (parsing, validation,
+counting) is the ingestor's business.
 """
 
 from __future__ import annotations
 
 from edgeapp.ingest import Ingestor
-from edgeapp.mqtt import BrokerConfig, MqttConnection
+from edgeapp.mqtt import BrokerConfig
+from edgeapp.mqtt_subscriber import MqttSubscriber
 
 __all__ = ["MqttSource"]
+
+# Room for the topic and the fixed header around a payload of max_payload_bytes:
+# larger packets are skipped unread (and counted as oversized).
+_PACKET_OVERHEAD = 64 * 1024 + 8
 
 
 class MqttSource:
@@ -23,22 +30,21 @@ class MqttSource:
         self, *, broker: BrokerConfig, client_id: str, topic: str, ingestor: Ingestor, qos: int = 0
     ) -> None:
         self.topic = topic
-        self.qos = qos
-        self.connection = MqttConnection(
-            broker=broker, client_id=client_id, on_message=ingestor.on_message
+        self.subscriber = MqttSubscriber(
+            broker=broker,
+            client_id=client_id,
+            topic=topic,
+            qos=qos,
+            on_message=ingestor.on_message,
+            on_oversized=ingestor.on_oversized,
+            max_packet_bytes=ingestor.max_payload_bytes + _PACKET_OVERHEAD,
         )
-        self.connection.on_connected(self._subscribe)
-
-    def _subscribe(self, connection: MqttConnection) -> None:
-        connection.subscribe(self.topic, self.qos)
 
     def start(self) -> None:
-        self.connection.start()
+        self.subscriber.start()
 
     def stop(self, timeout: float) -> None:
-        # paho joins its thread without a deadline; on loopback that takes milliseconds
-        del timeout
-        self.connection.stop()
+        self.subscriber.stop(timeout)
 
     def alive(self) -> bool:
-        return self.connection.alive()
+        return self.subscriber.alive()
