@@ -136,6 +136,15 @@ class AppSettings(BaseSettings):
         ge=1,
         description="Windows per Predict call; a tick sends its turbines in chunks of this size.",
     )
+    max_inflight: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description=(
+            "Predict calls of one tick in flight at once (the agent runs them in parallel); "
+            "about the device's core count."
+        ),
+    )
     capture_fraction: float = Field(
         0.0,
         ge=0,
