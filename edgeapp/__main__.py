@@ -1,277 +1,29 @@
-"""edge-app: the composition root of the detection daemon.
+"""edge-app: the detection daemon's entry point.
 
-Parses settings once, builds every collaborator here and passes them in by
-constructor, then runs the tick loop on the main thread until SIGTERM/SIGINT
-(or, for a replay without ``replay_loop``, until the file is done).
-
-Threads, each owned and joined here: the source's (paho's network thread, or
-the replay thread), the publisher's paho network thread, and the detector's
-inference worker. The main thread runs the ticks and pings the systemd
-watchdog after each completed tick while the source's thread is alive.
-
-Shutdown order: STOPPING=1; stop the source (no new samples); close the agent
-connection (an in-flight call ends at once) and join the worker; flush and
-disconnect the publisher, so every message handed to it reaches the broker
-whole; exit 0.
+Parses settings once, configures logging, builds ``edgeapp.app.App`` and runs
+it until SIGTERM/SIGINT. Exit codes: 0 after a clean stop (or a finished
+replay), 1 when a replay failed, 2 for an invalid configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
-from edgeagent.client import AgentClient
 from edgeapp import __doc__ as package_doc
-from edgeapp.buffers import TurbineBuffers
-from edgeapp.detector import Detector, TickReport
 from edgeapp.errors import AppError
-from edgeapp.ingest import DropCounter, Ingestor
-from edgeapp.model_follower import ModelClient, ModelFollower
-from edgeapp.mqtt import BrokerConfig, MqttConnection
-from edgeapp.mqtt_source import MqttSource
-from edgeapp.publisher import MqttPublisher, Topics
-from edgeapp.replay import ReplaySource
-from edgeapp.settings import AppSettings, load_settings
-from edgeapp.sources import Source, TopicPattern
+from edgeapp.settings import load_settings
 from edgecommon.logging import configure_logging
 from edgecommon.memory import tune_malloc
-from edgecommon.sdnotify import Notifier
 
 log = structlog.get_logger("edgeapp")
-
-SOURCE_STOP_TIMEOUT_S = 1.0
-
-
-class App:
-    """Everything one detection daemon runs, built in one place."""
-
-    def __init__(self, settings: AppSettings, *, notifier: Notifier | None = None) -> None:
-        self.settings = settings
-        self.notifier = notifier or Notifier()
-        self.stop_event = threading.Event()
-        self._finish_error: str | None = None
-        self._finishing = False
-        self.buffers = TurbineBuffers(
-            max_turbines=settings.max_turbines,
-            capacity=settings.buffer_length,
-            gap_reset_s=settings.gap_reset_s,
-            fixed_ids=settings.turbines,
-        )
-        self.drops = DropCounter(interval_s=settings.drop_log_interval_s)
-        self.ingestor = Ingestor(
-            buffers=self.buffers,
-            topics=TopicPattern(settings.mqtt_topic),
-            drops=self.drops,
-            max_payload_bytes=settings.max_payload_bytes,
-            max_samples_per_message=settings.max_samples_per_message,
-            max_abs_quaternion=settings.max_abs_quaternion,
-            max_abs_value=settings.max_abs_value,
-        )
-        broker = BrokerConfig(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            keepalive_s=settings.mqtt_keepalive_s,
-            reconnect_min_s=settings.mqtt_reconnect_min_s,
-            reconnect_max_s=settings.mqtt_reconnect_max_s,
-        )
-        self.publisher_connection = MqttConnection(
-            broker=broker, client_id=f"{settings.mqtt_client_id}-pub"
-        )
-        self.publisher = MqttPublisher(
-            connection=self.publisher_connection,
-            topics=Topics(settings.topic_prefix),
-            qos=settings.publish_qos,
-            dashboard_samples=settings.dashboard_samples,
-        )
-        self.publisher_connection.on_connected(self.publisher.on_connected)
-        self.source: Source
-        if settings.source == "replay" and settings.replay_file is not None:
-            self.source = ReplaySource(
-                path=settings.replay_file,
-                ingestor=self.ingestor,
-                speed=settings.replay_speed,
-                rate_hz=settings.replay_rate_hz,
-                loop=settings.replay_loop,
-                on_finished=self._source_finished,
-            )
-        else:
-            self.source = MqttSource(
-                broker=broker,
-                client_id=f"{settings.mqtt_client_id}-src",
-                topic=settings.mqtt_topic,
-                ingestor=self.ingestor,
-            )
-        self.follower = ModelFollower(
-            client_factory=self._agent_client,
-            model_name=settings.model_name,
-            retry_min_s=settings.agent_retry_min_s,
-            retry_max_s=settings.agent_retry_max_s,
-            buffer_length=settings.buffer_length,
-        )
-        self.detector = Detector(
-            buffers=self.buffers,
-            follower=self.follower,
-            sink=self.publisher,
-            max_batch=settings.max_batch,
-            capture_fraction=settings.capture_fraction,
-            dashboard_period_s=settings.dashboard_period_s,
-            dashboard_samples=settings.dashboard_samples,
-        )
-        self.tick_errors = 0
-        self.overruns = 0
-
-    def _agent_client(self) -> ModelClient:
-        return AgentClient(self.settings.agent_socket, timeout=self.settings.agent_timeout_s)
-
-    def _source_finished(self, error: str | None) -> None:
-        self._finish_error = error
-        self._finishing = True
-
-    def request_stop(self) -> None:
-        self.stop_event.set()
-
-    # ---- running
-
-    def run(self) -> int:
-        """Start, tick until stopped, shut down; returns the exit code."""
-        settings = self.settings
-        self.publisher_connection.start()
-        self.source.start()
-        log.info(
-            "edge-app started",
-            source=self.source.name,
-            model=settings.model_name,
-            agent_socket=str(settings.agent_socket),
-            broker=f"{settings.mqtt_host}:{settings.mqtt_port}",
-            topic=settings.mqtt_topic if settings.source == "mqtt" else None,
-            replay_file=str(settings.replay_file) if settings.source == "replay" else None,
-            max_turbines=settings.max_turbines,
-            tick_period_s=settings.tick_period_s,
-            max_batch=settings.max_batch,
-        )
-        try:
-            self._loop()
-        finally:
-            self.shutdown()
-        return 1 if self._finish_error else 0
-
-    def _loop(self) -> None:
-        period = self.settings.tick_period_s
-        ready_sent = False
-        next_status = 0.0
-        deadline = time.monotonic()
-        last = _Counters.of(self)
-        while not self.stop_event.is_set():
-            finishing = self._finishing  # read before the tick: the last data gets scored
-            report = self._tick()
-            now = time.monotonic()
-            counters = _Counters.of(self)
-            self._log_tick(report, counters, last)
-            last = counters
-            if not ready_sent:
-                self.notifier.ready(report.label)
-                ready_sent = True
-            if self.source.alive():
-                self.notifier.watchdog()
-            if now >= next_status:
-                next_status = now + self.settings.status_period_s
-                self.notifier.status(self._status_text(report))
-            if finishing:
-                break
-            deadline += period
-            if deadline <= now:
-                self.overruns += 1
-                deadline = now
-            self.stop_event.wait(max(0.0, deadline - time.monotonic()))
-
-    def _tick(self) -> TickReport:
-        try:
-            return self.detector.tick(self.stop_event)
-        except Exception as exc:  # a bug in a tick must not end the daemon: log it, go on
-            self.tick_errors += 1
-            log.exception("tick failed", errors=self.tick_errors)
-            state = self.follower.state
-            return TickReport(
-                status=state.status.value, label=state.label, error=f"{type(exc).__name__}: {exc}"
-            )
-
-    def _log_tick(self, report: TickReport, now: _Counters, last: _Counters) -> None:
-        log.info(
-            "tick",
-            status=report.status,
-            turbines=report.turbines,
-            ready=report.ready,
-            verdicts=report.verdicts,
-            chunks=report.chunks,
-            discarded=report.discarded or None,
-            error=report.error,
-            messages=now.messages - last.messages,
-            samples=now.samples - last.samples,
-            dropped=now.dropped - last.dropped,
-            published=now.published - last.published,
-            unpublished=(now.unpublished - last.unpublished) or None,
-            **{f"{stage}_ms": round(ms, 2) for stage, ms in report.ms.items()},
-        )
-
-    def _status_text(self, report: TickReport) -> str:
-        return (
-            f"{report.label}; {report.turbines} turbines; {self.detector.verdicts} verdicts; "
-            f"{self.drops.total} inputs dropped"
-        )
-
-    def shutdown(self) -> None:
-        """Stop everything in order (idempotent)."""
-        self.notifier.stopping()
-        self.source.stop(SOURCE_STOP_TIMEOUT_S)
-        self.follower.close()
-        self.detector.close()
-        self.follower.close()  # a capture call may have opened a new channel
-        self.publisher_connection.stop()
-        log.info(
-            "edge-app stopped",
-            ticks=self.detector.ticks,
-            verdicts=self.detector.verdicts,
-            messages=self.ingestor.messages,
-            samples=self.ingestor.samples,
-            dropped=self.drops.snapshot(),
-            published=self.publisher.published,
-            overruns=self.overruns,
-            tick_errors=self.tick_errors,
-        )
-        self.notifier.close()
-
-
-class _Counters:
-    """Cumulative counters, for per-tick differences in the tick log line."""
-
-    __slots__ = ("dropped", "messages", "published", "samples", "unpublished")
-
-    def __init__(
-        self, messages: int, samples: int, dropped: int, published: int, unpublished: int
-    ) -> None:
-        self.messages = messages
-        self.samples = samples
-        self.dropped = dropped
-        self.published = published
-        self.unpublished = unpublished
-
-    @classmethod
-    def of(cls, app: App) -> _Counters:
-        return cls(
-            app.ingestor.messages,
-            app.ingestor.samples,
-            app.drops.total,
-            app.publisher.published,
-            app.publisher.unpublished,
-        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -291,6 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(level=settings.log_level)
     tune_malloc()  # before any thread starts: see edgecommon.memory
+    # One BLAS thread: the pipeline's matrix products are small, and OpenBLAS's
+    # spinning helper threads took the core the agent's inference needs (app CPU
+    # 1.27 -> 0.85 cores at 750 turbines). Read once, when numpy loads: so here,
+    # before the daemon's modules are imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from edgeapp.app import App  # noqa: PLC0415 - numpy must load after the line above
+
     try:
         app = App(settings)
     except AppError as exc:
@@ -307,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return app.run()
 
 
-__all__ = ["App", "main"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())
