@@ -1,0 +1,247 @@
+"""edgeapp.ingest and edgeapp.buffers: untrusted messages into the turbine buffers."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from edgeapp.buffers import TurbineBuffers
+from edgeapp.features import RAW_FIELDS
+from edgeapp.ingest import DropCounter, DropReason, Ingestor
+from edgeapp.sources import TopicPattern
+
+SAMPLE = {
+    "qx": 0.01, "qy": -0.02, "qz": 0.99, "qw": -0.1, "wind_speed_rps": 2.06, "rps": 2.19,
+    "voltage": 70.5,
+}  # fmt: skip
+ROW = tuple(SAMPLE[f] for f in RAW_FIELDS)
+
+
+def make(
+    *, max_turbines: int = 8, capacity: int = 500, fixed: list[str] | None = None, **kw: Any
+) -> Ingestor:
+    buffers = TurbineBuffers(
+        max_turbines=max_turbines, capacity=capacity, gap_reset_s=10.0, fixed_ids=fixed
+    )
+    options: dict[str, Any] = {
+        "max_payload_bytes": 4096,
+        "max_samples_per_message": 100,
+        "max_abs_quaternion": 1.5,
+        "max_abs_value": 1e5,
+    }
+    options.update(kw)
+    return Ingestor(
+        buffers=buffers,
+        topics=TopicPattern("wind-turbine/+/raw-data"),
+        drops=DropCounter(interval_s=10.0),
+        **options,
+    )
+
+
+def topic(turbine: str) -> str:
+    return f"wind-turbine/{turbine}/raw-data"
+
+
+def send(ingestor: Ingestor, turbine: str, body: object, at: float = 1.0) -> None:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    ingestor.on_message(topic(turbine), payload, at)
+
+
+def newest(ingestor: Ingestor, turbine: str, n: int = 1) -> np.ndarray[Any, Any]:
+    slot = ingestor.buffers.find(turbine)
+    assert slot is not None
+    return ingestor.buffers.gather(np.array([slot]), n).raw[0]
+
+
+def test_one_sample_lands_in_its_turbines_row() -> None:
+    ingestor = make()
+    send(ingestor, "t1", {"ts": 1_700_000_000_000, **SAMPLE})
+    assert ingestor.samples == 1 and ingestor.drops.counts == {}
+    assert tuple(newest(ingestor, "t1")[0]) == ROW
+    gathered = ingestor.buffers.gather(np.array([0]), 1)
+    assert gathered.ts[0] == 1_700_000_000_000 and gathered.arrival[0] == 1.0
+
+
+def test_the_workshop_spelling_of_wind_speed_is_accepted() -> None:
+    ingestor = make()
+    body = {k if k != "wind_speed_rps" else "wind speed rps": v for k, v in SAMPLE.items()}
+    send(ingestor, "t1", body)
+    assert tuple(newest(ingestor, "t1")[0]) == ROW
+    assert math.isnan(ingestor.buffers.gather(np.array([0]), 1).ts[0])  # no ts given
+
+
+def test_a_samples_list_is_appended_in_order() -> None:
+    ingestor = make()
+    samples = [dict(SAMPLE, rps=float(i), ts=1000 + i) for i in range(10)]
+    send(ingestor, "t1", {"samples": samples})
+    assert ingestor.samples == 10
+    assert list(newest(ingestor, "t1", 10)[:, 5]) == [float(i) for i in range(10)]
+    assert ingestor.buffers.gather(np.array([0]), 1).ts[0] == 1009
+
+
+def test_a_bad_sample_in_a_list_drops_only_itself() -> None:
+    ingestor = make()
+    samples = [dict(SAMPLE, rps=1.0), dict(SAMPLE, rps="x"), dict(SAMPLE, rps=3.0)]
+    send(ingestor, "t1", {"samples": samples})
+    assert ingestor.samples == 2
+    assert ingestor.drops.counts == {DropReason.WRONG_TYPE: 1}
+    assert list(newest(ingestor, "t1", 2)[:, 5]) == [1.0, 3.0]
+
+
+BAD: list[tuple[str, bytes]] = [
+    ("not_json", b"{"),
+    ("not_json", b"\xff\xfe\x00"),
+    ("not_json", b"[" * 4000),
+    ("not_json", b""),
+    ("not_object", b"[1]"),
+    ("not_object", b"null"),
+    ("not_object", json.dumps({"samples": [1]}).encode()),
+    ("missing_field", json.dumps({k: v for k, v in SAMPLE.items() if k != "voltage"}).encode()),
+    ("extra_field", json.dumps({**SAMPLE, "temp": 1}).encode()),
+    ("extra_field", json.dumps({**SAMPLE, "wind speed rps": 1.0}).encode()),
+    ("extra_field", json.dumps({"samples": [SAMPLE], "more": 1}).encode()),
+    ("wrong_type", json.dumps({**SAMPLE, "rps": "2.0"}).encode()),
+    ("wrong_type", json.dumps({**SAMPLE, "rps": True}).encode()),
+    ("wrong_type", json.dumps({**SAMPLE, "rps": [1]}).encode()),
+    ("wrong_type", json.dumps({**SAMPLE, "ts": "now"}).encode()),
+    ("wrong_type", json.dumps({**SAMPLE, "ts": None}).encode()),
+    ("non_finite", json.dumps({**SAMPLE, "rps": math.inf}).encode()),
+    ("non_finite", json.dumps({**SAMPLE, "qx": math.nan}).encode()),
+    ("non_finite", json.dumps({**SAMPLE, "ts": math.nan}).encode()),
+    ("out_of_range", json.dumps({**SAMPLE, "voltage": 1e6}).encode()),
+    ("out_of_range", json.dumps({**SAMPLE, "qz": -2.0}).encode()),
+    ("out_of_range", json.dumps({**SAMPLE, "voltage": 10**400}).encode()),
+    ("out_of_range", json.dumps({**SAMPLE, "ts": -5}).encode()),
+    ("out_of_range", json.dumps({**SAMPLE, "rps": 1e308, "voltage": 1e308}).encode()),
+    ("non_finite", b'{"qx": 1e999, "qy": 0, "qz": 0, "qw": 1, "wind_speed_rps": 1, "rps": 1,'
+                   b' "voltage": 1}'),
+    ("bad_samples", b'{"samples": {}}'),
+    ("bad_samples", b'{"samples": []}'),
+    ("bad_samples", json.dumps({"samples": [{}] * 101}).encode()),
+    ("oversized", b" " * 4097),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("reason", "payload"), BAD)
+def test_bad_input_is_dropped_and_counted_by_reason(reason: str, payload: bytes) -> None:
+    ingestor = make()
+    send(ingestor, "t1", SAMPLE)
+    send(ingestor, "t1", payload)
+    assert ingestor.drops.counts == {reason: 1}
+    assert ingestor.samples == 1
+    assert tuple(newest(ingestor, "t1")[0]) == ROW  # the good sample is untouched
+
+
+def test_topics_that_name_no_valid_turbine_are_dropped() -> None:
+    ingestor = make()
+    body = json.dumps(SAMPLE).encode()
+    bad_topics = [
+        "wind-turbine/a b/raw-data",
+        "wind-turbine//raw-data",
+        "other/t1/raw-data",
+        "wind-turbine/t1/x/raw-data",
+        "wind-turbine/" + "x" * 65 + "/raw-data",
+    ]
+    for bad in bad_topics:
+        ingestor.on_message(bad, body, 1.0)
+    assert ingestor.drops.counts == {DropReason.BAD_TOPIC: 5}
+    assert len(ingestor.buffers) == 0
+
+
+def test_turbines_beyond_the_maximum_are_dropped_and_invalid_ones_take_no_slot() -> None:
+    ingestor = make(max_turbines=2)
+    send(ingestor, "bad", {"qx": 1})  # never valid: gets no slot
+    send(ingestor, "a", SAMPLE)
+    send(ingestor, "b", SAMPLE)
+    send(ingestor, "c", SAMPLE)
+    send(ingestor, "a", SAMPLE)
+    assert ingestor.buffers.ids == ["a", "b"]
+    assert ingestor.drops.counts == {DropReason.MISSING_FIELD: 1, DropReason.TOO_MANY_TURBINES: 1}
+    assert ingestor.samples == 3
+
+
+def test_a_fixed_turbine_list_drops_the_others() -> None:
+    ingestor = make(fixed=["a", "b"])
+    send(ingestor, "b", SAMPLE)
+    send(ingestor, "z", SAMPLE)
+    assert ingestor.buffers.ids == ["a", "b"]
+    assert ingestor.drops.counts == {DropReason.UNKNOWN_TURBINE: 1}
+
+
+def test_drops_are_logged_once_per_interval_per_reason() -> None:
+    ingestor = make()
+    with capture_logs() as logs:
+        for i in range(100):
+            send(ingestor, "t1", b"nope", at=1.0 + i * 0.01)  # within one interval
+        send(ingestor, "t1", b"nope", at=20.0)
+        send(ingestor, "t1", b"[]", at=20.0)
+    dropped = [e for e in logs if e["event"] == "input dropped"]
+    assert [(e["reason"], e["dropped"], e["total"]) for e in dropped] == [
+        ("not_json", 1, 1),
+        ("not_json", 100, 101),
+        ("not_object", 1, 1),
+    ]
+
+
+def test_the_ring_keeps_the_newest_samples_oldest_first() -> None:
+    ingestor = make(capacity=8)
+    for i in range(20):
+        send(ingestor, "t1", dict(SAMPLE, rps=float(i)), at=1.0 + i * 0.05)
+    assert list(newest(ingestor, "t1", 8)[:, 5]) == [float(i) for i in range(12, 20)]
+    assert list(newest(ingestor, "t1", 3)[:, 5]) == [17.0, 18.0, 19.0]
+    # a list longer than the ring keeps its tail
+    send(ingestor, "t1", {"samples": [dict(SAMPLE, rps=float(100 + i)) for i in range(11)]}, 2.0)
+    assert list(newest(ingestor, "t1", 8)[:, 5]) == [float(100 + i) for i in range(3, 11)]
+    counts, _arrival = ingestor.buffers.state()
+    assert counts[0] == 31
+
+
+def test_a_silent_turbine_starts_a_new_buffer() -> None:
+    ingestor = make()
+    send(ingestor, "t1", SAMPLE, at=1.0)
+    send(ingestor, "t1", SAMPLE, at=2.0)
+    send(ingestor, "t1", SAMPLE, at=20.0)  # 18 s of silence > gap_reset_s
+    counts, arrival = ingestor.buffers.state()
+    assert counts.tolist() == [1] and arrival.tolist() == [20.0]
+
+
+def test_malformed_floods_do_not_touch_good_turbines() -> None:
+    ingestor = make()
+    rng = np.random.default_rng(3)
+    for i in range(600):
+        send(ingestor, "good", dict(SAMPLE, rps=float(i % 7)), at=1.0 + i * 0.001)
+        junk = rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
+        send(ingestor, "good", junk)
+        send(ingestor, f"junk{i}", junk)
+    assert ingestor.samples == 600
+    assert list(newest(ingestor, "good", 7)[:, 5]) == [float(i % 7) for i in range(593, 600)]
+    assert ingestor.buffers.ids == ["good"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(st.sampled_from([*RAW_FIELDS, "ts", "samples", "x"]), inner)
+            ),
+            max_leaves=20,
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+    name=st.text(max_size=12),
+)
+def test_no_input_raises(payload: bytes, name: str) -> None:
+    ingestor = make(max_turbines=2)
+    ingestor.on_message(f"wind-turbine/{name}/raw-data", payload, 1.0)
+    ingestor.ingest_object(name, payload, 1.0)
+    assert ingestor.messages == 2  # and nothing raised

@@ -1,0 +1,192 @@
+"""edgeapp.mqtt_subscriber against a real mosquitto: the sensor stream's MQTT client."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from edgeapp_harness import Mosquitto, free_port, short_dir, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeapp.mqtt import BrokerConfig
+from edgeapp.mqtt_subscriber import MqttSubscriber
+
+TOPIC = "wind-turbine/+/raw-data"
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, float]] = []
+        self.oversized: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def on_message(self, topic: str, payload: bytes | bytearray, arrival: float) -> None:
+        with self.lock:
+            self.messages.append((topic, bytes(payload), arrival))
+
+    def on_oversized(self, topic: str, size: int, _arrival: float) -> None:
+        with self.lock:
+            self.oversized.append((topic, size))
+
+    def payloads(self) -> list[bytes]:
+        with self.lock:
+            return [p for _t, p, _a in self.messages]
+
+
+@pytest.fixture
+def broker() -> Iterator[Mosquitto]:
+    base = short_dir()
+    server = Mosquitto(base)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def publisher(port: int) -> paho.Client:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def subscriber(port: int, inbox: Inbox, **kw: object) -> MqttSubscriber:
+    config = BrokerConfig(host="127.0.0.1", port=port, keepalive_s=5, reconnect_min_s=1,
+                          reconnect_max_s=2)  # fmt: skip
+    sub = MqttSubscriber(
+        broker=config,
+        client_id=f"sub-{time.monotonic_ns()}",
+        topic=TOPIC,
+        on_message=inbox.on_message,
+        on_oversized=inbox.on_oversized,
+        **kw,  # type: ignore[arg-type]  # qos / max_packet_bytes, typed by the constructor
+    )
+    sub.start()
+    return sub
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int) -> None:
+    inbox = Inbox()
+    sub = subscriber(broker.port, inbox, qos=qos)
+    pub = publisher(broker.port)
+    try:
+        assert sub.wait_subscribed(10)
+        sizes = [0, 1, 100, 127, 128, 16383, 16384, 70_000]  # remaining-length edges
+        expected = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
+        expected += [f"m{i}".encode() for i in range(3000)]  # many packets per read
+        for i, payload in enumerate(expected):
+            pub.publish(f"wind-turbine/t{i % 3}/raw-data", payload, qos=qos)
+        pub.publish("wind-turbine/t0/other", b"not subscribed", qos=qos)
+        wait_until(lambda: len(inbox.messages) >= len(expected), 20, what="all messages")
+        time.sleep(0.2)
+        assert inbox.payloads() == expected
+        assert {t for t, _p, _a in inbox.messages} == {
+            f"wind-turbine/t{i}/raw-data" for i in range(3)
+        }
+        if qos:  # every QoS 1 message acknowledged: the broker has nothing left in flight
+            assert sub.connected
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        sub.stop()
+    assert not sub.alive()
+
+
+def test_oversized_packets_are_skipped_unbuffered(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    sub = subscriber(broker.port, inbox, max_packet_bytes=1000)
+    pub = publisher(broker.port)
+    try:
+        assert sub.wait_subscribed(10)
+        pub.publish("wind-turbine/a/raw-data", b"before")
+        pub.publish("wind-turbine/big/raw-data", b"x" * 500_000)
+        pub.publish("wind-turbine/a/raw-data", b"after")
+        wait_until(lambda: len(inbox.messages) >= 2, 10, what="the small messages")
+        assert inbox.payloads() == [b"before", b"after"]
+        assert inbox.oversized == [("wind-turbine/big/raw-data", 500_000 + 2 + 25)]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        sub.stop()
+
+
+def test_a_failing_handler_does_not_end_the_stream(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    seen: list[bytes] = []
+
+    def handler(topic: str, payload: bytes | bytearray, arrival: float) -> None:
+        seen.append(bytes(payload))
+        if payload == b"boom":
+            raise RuntimeError("bug")
+        inbox.on_message(topic, payload, arrival)
+
+    config = BrokerConfig(host="127.0.0.1", port=broker.port)
+    sub = MqttSubscriber(broker=config, client_id="failing", topic=TOPIC, on_message=handler)
+    sub.start()
+    pub = publisher(broker.port)
+    try:
+        assert sub.wait_subscribed(10)
+        for payload in (b"1", b"boom", b"2"):
+            pub.publish("wind-turbine/a/raw-data", payload)
+        wait_until(lambda: len(inbox.messages) >= 2, 10, what="messages after the failure")
+        assert seen == [b"1", b"boom", b"2"] and sub.handler_errors == 1
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        sub.stop()
+
+
+def test_reconnects_and_subscribes_again_after_a_broker_restart(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    sub = subscriber(broker.port, inbox)
+    try:
+        assert sub.wait_subscribed(10)
+        broker.restart()
+        wait_until(lambda: sub.connects == 2 and sub.wait_subscribed(0), 15, what="resubscribed")
+        pub = publisher(broker.port)
+        pub.publish("wind-turbine/a/raw-data", b"again")
+        wait_until(lambda: inbox.payloads() == [b"again"], 10, what="a message after restart")
+        pub.disconnect()
+        pub.loop_stop()
+    finally:
+        sub.stop()
+
+
+def test_waits_for_a_broker_that_is_not_there_yet_and_stops_promptly() -> None:
+    base = short_dir()
+    port = free_port()
+    inbox = Inbox()
+    sub = subscriber(port, inbox)
+    try:
+        time.sleep(1.5)
+        assert not sub.connected and sub.alive()
+        late = Mosquitto(base, port)
+        late.start()
+        try:
+            assert sub.wait_subscribed(10)
+        finally:
+            started = time.monotonic()
+            sub.stop()
+            assert time.monotonic() - started < 1.0
+            late.stop()
+        assert not sub.alive()
+    finally:
+        sub.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_stop_while_retrying_is_prompt(tmp_path: Path) -> None:
+    del tmp_path
+    sub = subscriber(free_port(), Inbox())
+    time.sleep(0.3)
+    started = time.monotonic()
+    sub.stop()
+    assert time.monotonic() - started < 1.0 and not sub.alive()
