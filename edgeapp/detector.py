@@ -172,6 +172,7 @@ class Detector:
         self._raw: NDArray[np.float64] | None = None  # reused gather buffer
         self._capture_prefix = f"edge-app-{uuid.uuid4().hex[:12]}"
         self._captures = 0
+        self.last_capture_id: str | None = None
         self.capture_errors = 0
         self._capture_logged = -math.inf
         self._stop: threading.Event | None = None
@@ -402,7 +403,7 @@ class Detector:
         if not len(chosen):
             return
         self._captures += 1
-        capture_id = f"{self._capture_prefix}-{self._captures}"
+        capture_id = self.last_capture_id = f"{self._capture_prefix}-{self._captures}"
         turbines = [chunk.turbines[i] for i in chosen]
         inputs = np.ascontiguousarray(windows[chosen].reshape(-1, *windows.shape[-3:]))
         outputs = np.ascontiguousarray(output[chosen].reshape(-1, *windows.shape[-3:]))
