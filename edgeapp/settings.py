@@ -159,7 +159,7 @@ class AppSettings(BaseSettings):
     )
     publish_qos: Literal[0, 1] = Field(0, description="QoS of the published topics.")
     status_period_s: float = Field(
-        10.0, gt=0, description="How often STATUS= (systemd) and a counters log line are sent."
+        10.0, gt=0, description="How often a STATUS= line (counters) goes to systemd."
     )
     log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
 

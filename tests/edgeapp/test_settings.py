@@ -1,0 +1,82 @@
+"""edgeapp.settings: TOML file, WINDEDGE_APP_* environment, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeapp.errors import ConfigError
+from edgeapp.settings import AppSettings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("WINDEDGE_APP_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_follow_the_architecture() -> None:
+    s = AppSettings()
+    assert s.model_name == "wind-turbine"
+    assert s.mqtt_topic == "wind-turbine/+/raw-data"
+    assert s.topic_prefix == "wind-turbine"
+    assert (s.tick_period_s, s.buffer_length, s.source) == (0.5, 500, "mqtt")
+    assert s.agent_socket == Path("/run/windedge/agent.sock")
+
+
+def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "app.toml"
+    conf.write_text('[app]\nmqtt_port = 1884\nmax_turbines = 50\nturbines = ["a", "b"]\n')
+    s = load_settings(conf)
+    assert (s.mqtt_port, s.max_turbines, s.turbines) == (1884, 50, ("a", "b"))
+    monkeypatch.setenv("WINDEDGE_APP_MQTT_PORT", "1999")
+    monkeypatch.setenv("WINDEDGE_APP_TURBINES", '["c"]')
+    s = load_settings(conf)
+    assert (s.mqtt_port, s.turbines) == (1999, ("c",))
+    flat = tmp_path / "flat.toml"
+    flat.write_text("tick_period_s = 0.25\n")
+    assert load_settings(flat).tick_period_s == 0.25
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("mqtt_topic = 'wind-turbine/#'", "mqtt_topic"),
+        ("mqtt_topic = 'wind-turbine/+/+/raw'", "mqtt_topic"),
+        ("mqtt_topic = 'a/b+/c'", "mqtt_topic"),
+        ("topic_prefix = 'x/+'", "topic_prefix"),
+        ("tick_period_s = 0", "tick_period_s"),
+        ("capture_fraction = 1.5", "capture_fraction"),
+        ("turbines = ['ok', 'not ok']", "turbines"),
+        ("turbines = ['a', 'a']", "turbines"),
+        ("source = 'replay'", "replay_file"),
+        ("agent_retry_min_s = 5\nagent_retry_max_s = 1", "agent_retry_max_s"),
+        ("no_such_key = 1", "no_such_key"),
+        ("max_turbines = 1\nturbines = ['a', 'b']", "max_turbines"),
+        ("log_level = 'LOUD'", "log_level"),
+    ],
+)
+def test_invalid_configuration_says_where(tmp_path: Path, text: str, where: str) -> None:
+    conf = tmp_path / "app.toml"
+    conf.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=where):
+        load_settings(conf)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_settings(bad)
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "app.toml"
+    s = load_settings(example)
+    assert s == AppSettings()  # the example documents the defaults
