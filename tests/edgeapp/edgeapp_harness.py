@@ -8,6 +8,8 @@ clients are closed. Paths are short (Unix sockets are limited to 107 bytes).
 from __future__ import annotations
 
 import contextlib
+import csv
+import gzip
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.client import AgentClient
+from edgeapp.features import RAW_FIELDS
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
@@ -414,6 +417,22 @@ def synthetic_samples(n: int, seed: int, start_ms: int | None = None) -> list[di
         }
         for i in range(n)
     ]
+
+
+def write_csv(path: Path, turbines: list[str], n: int, *, alias: bool = False) -> None:
+    wind = "wind speed rps" if alias else "wind_speed_rps"
+    columns = ["turbineId", "ts", "qx", "qy", "qz", "qw", wind, "rps", "voltage", "gearboxtemp"]
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", newline="") as handle:  # type: ignore[operator]  # both open text
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        samples = {
+            t: synthetic_samples(n, seed=k, start_ms=1_000_000) for k, t in enumerate(turbines)
+        }
+        for i in range(n):
+            for t in turbines:
+                s = samples[t][i]
+                writer.writerow([t, s["ts"], *(s[f] for f in RAW_FIELDS), 40.0])
 
 
 class Sensors:

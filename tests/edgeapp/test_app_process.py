@@ -25,6 +25,7 @@ from edgeapp_harness import (
     Stack,
     StartApp,
     short_dir,
+    write_csv,
 )
 
 from edgeagent.client import AgentClient
@@ -309,3 +310,18 @@ def test_bad_configuration_exits_2() -> None:
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_replay_run_scores_the_file_and_exits_0(
+    app_stack: Stack, start_app: StartApp, listener: Listener
+) -> None:
+    recording = app_stack.base / "recording.csv"
+    write_csv(recording, ["r1", "r2"], 520)
+    app, notify = start_app(wait=False, source="replay", replay_file=str(recording), replay_speed=0)
+    assert app.proc.proc.wait(30) == 0
+    for turbine in ("r1", "r2"):
+        (verdict,) = listener.wait_for("anomalies", turbine=turbine, timeout=5)[:1]
+        check_verdict(verdict)
+    assert notify.times_of("READY=1") and notify.times_of("STOPPING=1")
+    (stopped,) = app.events("edge-app stopped")
+    assert stopped["samples"] == 1040 and stopped["verdicts"] == 2
