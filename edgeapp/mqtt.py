@@ -1,11 +1,11 @@
-"""One paho-mqtt client on its own network thread: the only module that touches paho.
+"""The publishing connection: one paho-mqtt client on its own network thread.
 
 ``MqttConnection`` connects in the background, reconnects with a doubling
 delay (``reconnect_min_s`` .. ``reconnect_max_s``) whenever the broker goes
-away, and calls the ``on_connected`` hooks after every (re)connection, which is where a
-subscriber subscribes again (the broker forgets a clean session's
-subscriptions). Incoming messages reach ``on_message(topic, payload, arrival)``
-as plain values: paho's types never leave this module.
+away, and calls the ``on_connected`` hooks after every (re)connection (where
+the publisher sends its retained labels again). paho's types never leave this
+module. (The sensor stream is received by ``edgeapp.mqtt_subscriber``, which
+costs a tenth of paho per message.)
 
 Stopping queues a DISCONNECT behind every message already handed to paho, so
 the broker receives them whole and in order, then joins the network thread.
@@ -14,7 +14,6 @@ the broker receives them whole and in order, then joins the network thread.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,18 +48,13 @@ class MqttConnection:
         *,
         broker: BrokerConfig,
         client_id: str,
-        on_message: MessageHandler | None = None,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
         self._connect_hooks: list[Callable[[MqttConnection], None]] = []
-        self._handler = on_message
         self._connected = threading.Event()
-        self._subscriptions: dict[int, str] = {}  # message id -> topic, until the SUBACK
-        self._subscriptions_lock = threading.Lock()  # the SUBACK may beat subscribe()'s return
         self._stopping = False
         self.connects = 0
-        self.handler_errors = 0
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -72,9 +66,6 @@ class MqttConnection:
         # report, and it would format one DEBUG line per received message
         client.on_connect = self._connect_callback
         client.on_disconnect = self._disconnect_callback
-        client.on_subscribe = self._subscribe_callback
-        if on_message is not None:
-            client.on_message = self._message_callback
         self._client = client
 
     # ---- lifecycle
@@ -109,15 +100,6 @@ class MqttConnection:
 
     # ---- traffic
 
-    def subscribe(self, topic: str, qos: int = 0) -> None:
-        """Subscribe; the broker's answer is logged ("subscribed" or "subscription refused")."""
-        with self._subscriptions_lock:
-            result, mid = self._client.subscribe(topic, qos)
-            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                self._subscriptions[mid] = topic
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            log.warning("subscribe failed", client=self.client_id, topic=topic, rc=result.name)
-
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> bool:
         """Queue one message; False when there is no connection (QoS 0 is then dropped)."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -148,22 +130,6 @@ class MqttConnection:
         for hook in self._connect_hooks:
             hook(self)
 
-    def _subscribe_callback(
-        self,
-        _client: paho.Client,
-        _userdata: Any,
-        mid: int,
-        reasons: list[ReasonCode],
-        _properties: Any,
-    ) -> None:
-        with self._subscriptions_lock:
-            topic = self._subscriptions.pop(mid, None)
-        refused = [str(r) for r in reasons if r.is_failure]
-        if refused:
-            log.warning("subscription refused", client=self.client_id, topic=topic, reasons=refused)
-        else:
-            log.info("subscribed", client=self.client_id, topic=topic)
-
     def _disconnect_callback(
         self,
         _client: paho.Client,
@@ -179,21 +145,3 @@ class MqttConnection:
                 client=self.client_id,
                 reason=str(reason),
             )
-
-    def _message_callback(
-        self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage
-    ) -> None:
-        arrival = time.monotonic()
-        handler = self._handler
-        if handler is None:
-            return
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            topic = "<topic not UTF-8>"
-        try:
-            handler(topic, msg.payload, arrival)
-        except Exception:  # a bug in a handler must not end the network thread
-            self.handler_errors += 1
-            if self.handler_errors <= 10 or self.handler_errors % 10000 == 0:
-                log.exception("message handler failed", errors=self.handler_errors)
