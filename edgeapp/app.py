@@ -5,15 +5,15 @@ by constructor, then runs the tick loop on the calling thread until
 ``request_stop`` (SIGTERM/SIGINT, wired in ``edgeapp.__main__``) or, for a
 replay without ``replay_loop``, until the file is done.
 
-Threads, each owned and joined here: the source's (the MQTT subscriber, or the
-replay thread), the publisher's paho network thread, and the detector's
+Threads, each owned and joined here: the source's (its MQTT client's reader, or
+the replay thread), the publisher's MQTT client reader, and the detector's
 inference workers. The tick loop pings the systemd watchdog after each
 completed tick while the source's thread is alive.
 
 Shutdown order: STOPPING=1; stop the source (no new samples); close the agent
-connection (an in-flight call ends at once) and join the workers; flush and
-disconnect the publisher, so every message handed to it reaches the broker
-whole.
+connection (an in-flight call ends at once) and join the workers; disconnect
+the publisher after its last write, so every message handed to it reaches the
+broker whole.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, TickReport
 from edgeapp.ingest import DropCounter, Ingestor
 from edgeapp.model_follower import ModelClient, ModelFollower
-from edgeapp.mqtt import BrokerConfig, MqttConnection
+from edgeapp.mqtt import BrokerConfig, MqttClient
 from edgeapp.mqtt_source import MqttSource
 from edgeapp.publisher import MqttPublisher, Topics
 from edgeapp.replay import ReplaySource
@@ -75,16 +75,15 @@ class App:
             reconnect_min_s=settings.mqtt_reconnect_min_s,
             reconnect_max_s=settings.mqtt_reconnect_max_s,
         )
-        self.publisher_connection = MqttConnection(
+        self.publisher_client = MqttClient(
             broker=broker, client_id=f"{settings.mqtt_client_id}-pub"
         )
         self.publisher = MqttPublisher(
-            connection=self.publisher_connection,
+            client=self.publisher_client,
             topics=Topics(settings.topic_prefix),
-            qos=settings.publish_qos,
             dashboard_samples=settings.dashboard_samples,
         )
-        self.publisher_connection.on_connected(self.publisher.on_connected)
+        self.publisher_client.on_connected(self.publisher.on_connected)
         self.source: Source
         if settings.source == "replay" and settings.replay_file is not None:
             self.source = ReplaySource(
@@ -137,7 +136,7 @@ class App:
     def run(self) -> int:
         """Start, tick until stopped, shut down; returns the exit code."""
         settings = self.settings
-        self.publisher_connection.start()
+        self.publisher_client.start()
         self.source.start()
         log.info(
             "edge-app started",
@@ -228,7 +227,7 @@ class App:
         self.follower.close()
         self.detector.close()
         self.follower.close()  # a capture call may have opened a new channel
-        self.publisher_connection.stop()
+        self.publisher_client.stop()
         log.info(
             "edge-app stopped",
             ticks=self.detector.ticks,

@@ -1,18 +1,17 @@
 """The MQTT source: the device's sensor topics into the ingestor.
 
 A thin adapter: it keeps one subscription to ``mqtt_topic``
-(``wind-turbine/+/raw-data``) through ``MqttSubscriber`` (reconnecting with
+(``wind-turbine/+/raw-data``) through an ``MqttClient`` (reconnecting with
 backoff, subscribing again after every reconnection) and hands each message's
-topic, payload and arrival time to ``Ingestor.on_message``, on the
-subscriber's thread. Everything about payloads (parsing, validation,
+topic, payload and arrival time to ``Ingestor.on_message``, on the client's
+thread. Everything about payloads (parsing, validation,
 counting) is the ingestor's business.
 """
 
 from __future__ import annotations
 
 from edgeapp.ingest import Ingestor
-from edgeapp.mqtt import BrokerConfig
-from edgeapp.mqtt_subscriber import MqttSubscriber
+from edgeapp.mqtt import BrokerConfig, MqttClient
 
 __all__ = ["MqttSource"]
 
@@ -30,10 +29,10 @@ class MqttSource:
         self, *, broker: BrokerConfig, client_id: str, topic: str, ingestor: Ingestor, qos: int = 0
     ) -> None:
         self.topic = topic
-        self.subscriber = MqttSubscriber(
+        self.client = MqttClient(
             broker=broker,
             client_id=client_id,
-            topic=topic,
+            subscription=topic,
             qos=qos,
             on_message=ingestor.on_message,
             on_oversized=ingestor.on_oversized,
@@ -41,10 +40,10 @@ class MqttSource:
         )
 
     def start(self) -> None:
-        self.subscriber.start()
+        self.client.start()
 
     def stop(self, timeout: float) -> None:
-        self.subscriber.stop(timeout)
+        self.client.stop(timeout)
 
     def alive(self) -> bool:
-        return self.subscriber.alive()
+        return self.client.alive()

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 
 from edgeapp.detector import VerdictBatch
 from edgeapp.features import FEATURES
-from edgeapp.mqtt import MqttConnection
+from edgeapp.mqtt import MqttClient
 
 __all__ = [
     "MqttPublisher",
@@ -121,60 +121,59 @@ def dashboard_payloads(
 
 
 class MqttPublisher:
-    """The ``VerdictSink`` of the daemon: publishes on the device's local broker."""
+    """The ``VerdictSink`` of the daemon: publishes on the device's local broker.
+
+    Each call writes its messages with one ``publish_many`` (one socket write);
+    while the broker is away they are dropped and counted (QoS 0).
+    """
 
     def __init__(
         self,
         *,
-        connection: MqttConnection,
+        client: MqttClient,
         topics: Topics,
-        qos: int = 0,
         dashboard_samples: int = 100,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.connection = connection
+        self.client = client
         self.topics = topics
-        self.qos = qos
         self.dashboard_samples = dashboard_samples
         self._clock = clock
         self._labels: dict[str, str] = {}
         self._labels_lock = threading.Lock()
-        self.published = 0
-        self.unpublished = 0
-        """Messages not sent because the broker was unreachable at the time."""
 
-    def on_connected(self, connection: MqttConnection) -> None:
+    @property
+    def published(self) -> int:
+        return self.client.sent
+
+    @property
+    def unpublished(self) -> int:
+        """Messages not sent because the broker was unreachable at the time."""
+        return self.client.unsent
+
+    def on_connected(self, client: MqttClient) -> None:
         """After a (re)connection: the labels again (the broker may have restarted)."""
         with self._labels_lock:
             labels = list(self._labels.items())
-        for turbine, label in labels:
-            self._send(self.topics.label(turbine), status_payload(label), retain=True)
+        label = self.topics.label
+        client.publish_many(((label(t), status_payload(text)) for t, text in labels), retain=True)
 
     def verdicts(self, batch: VerdictBatch) -> None:
         payloads = verdict_payloads(batch, self._clock())
         anomalies = self.topics.anomalies
-        for turbine, payload in zip(batch.turbines, payloads, strict=True):
-            self._send(anomalies(turbine), payload)
+        self.client.publish_many(zip(map(anomalies, batch.turbines), payloads, strict=True))
 
     def status(self, turbines: Sequence[str], label: str) -> None:
         payload = status_payload(label)
         with self._labels_lock:
             for turbine in turbines:
                 self._labels[turbine] = label
-        for turbine in turbines:
-            self._send(self.topics.label(turbine), payload, retain=True)
+        topic = self.topics.label
+        self.client.publish_many(((topic(t), payload) for t in turbines), retain=True)
 
     def dashboard(
         self, turbines: Sequence[str], ts_ms: NDArray[np.int64], means: NDArray[np.float64]
     ) -> None:
         payloads = dashboard_payloads(ts_ms, means, self.dashboard_samples)
-        for turbine, payload in zip(turbines, payloads, strict=True):
-            self._send(self.topics.dashboard(turbine), payload)
-
-    def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        if self.connection.connected and self.connection.publish(
-            topic, payload, qos=self.qos, retain=retain
-        ):
-            self.published += 1
-        else:
-            self.unpublished += 1
+        topic = self.topics.dashboard
+        self.client.publish_many(zip(map(topic, turbines), payloads, strict=True))

@@ -157,7 +157,6 @@ class AppSettings(BaseSettings):
     dashboard_samples: int = Field(
         100, ge=1, description="Samples the dashboard's feature means are taken over."
     )
-    publish_qos: Literal[0, 1] = Field(0, description="QoS of the published topics.")
     status_period_s: float = Field(
         10.0, gt=0, description="How often a STATUS= line (counters) goes to systemd."
     )

@@ -1,4 +1,4 @@
-"""edgeapp.mqtt_subscriber against a real mosquitto: the sensor stream's MQTT client."""
+"""edgeapp.mqtt.MqttClient against a real mosquitto, with paho-mqtt as the other party."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 from edgeapp_harness import Mosquitto, free_port, short_dir, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeapp.mqtt import BrokerConfig
-from edgeapp.mqtt_subscriber import MqttSubscriber
+from edgeapp.mqtt import BrokerConfig, MqttClient
 
 TOPIC = "wind-turbine/+/raw-data"
 
@@ -25,7 +24,7 @@ class Inbox:
         self.oversized: list[tuple[str, int]] = []
         self.lock = threading.Lock()
 
-    def on_message(self, topic: str, payload: bytes | bytearray, arrival: float) -> None:
+    def on_message(self, topic: str, payload: bytes, arrival: float) -> None:
         with self.lock:
             self.messages.append((topic, bytes(payload), arrival))
 
@@ -57,13 +56,13 @@ def publisher(port: int) -> paho.Client:
     return client
 
 
-def subscriber(port: int, inbox: Inbox, **kw: object) -> MqttSubscriber:
+def subscriber(port: int, inbox: Inbox, **kw: object) -> MqttClient:
     config = BrokerConfig(host="127.0.0.1", port=port, keepalive_s=5, reconnect_min_s=1,
                           reconnect_max_s=2)  # fmt: skip
-    sub = MqttSubscriber(
+    sub = MqttClient(
         broker=config,
         client_id=f"sub-{time.monotonic_ns()}",
-        topic=TOPIC,
+        subscription=TOPIC,
         on_message=inbox.on_message,
         on_oversized=inbox.on_oversized,
         **kw,  # type: ignore[arg-type]  # qos / max_packet_bytes, typed by the constructor
@@ -122,14 +121,14 @@ def test_a_failing_handler_does_not_end_the_stream(broker: Mosquitto) -> None:
     inbox = Inbox()
     seen: list[bytes] = []
 
-    def handler(topic: str, payload: bytes | bytearray, arrival: float) -> None:
+    def handler(topic: str, payload: bytes, arrival: float) -> None:
         seen.append(bytes(payload))
         if payload == b"boom":
             raise RuntimeError("bug")
         inbox.on_message(topic, payload, arrival)
 
     config = BrokerConfig(host="127.0.0.1", port=broker.port)
-    sub = MqttSubscriber(broker=config, client_id="failing", topic=TOPIC, on_message=handler)
+    sub = MqttClient(broker=config, client_id="failing", subscription=TOPIC, on_message=handler)
     sub.start()
     pub = publisher(broker.port)
     try:
@@ -190,3 +189,81 @@ def test_stop_while_retrying_is_prompt(tmp_path: Path) -> None:
     started = time.monotonic()
     sub.stop()
     assert time.monotonic() - started < 1.0 and not sub.alive()
+
+
+class PahoInbox:
+    """paho-mqtt as the receiving party."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.subscribed = threading.Event()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"in-{time.monotonic_ns()}"
+        )
+        self.client.on_connect = lambda c, *_: c.subscribe(topic)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.on_message = lambda _c, _u, m: self.messages.append(
+            (m.topic, m.payload, bool(m.retain))
+        )
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.subscribed.wait(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_published_batches_arrive_whole_and_retained_ones_stay(broker: Mosquitto) -> None:
+    inbox = PahoInbox(broker.port, "out/#")
+    client = MqttClient(broker=BrokerConfig(host="127.0.0.1", port=broker.port), client_id="pub")
+    client.start()
+    try:
+        assert client.wait_connected(10)
+        batch = [(f"out/t{i}/anomalies", b'{"n": %d}' % i + b" " * (i * 37)) for i in range(500)]
+        assert client.publish_many(batch) == 500
+        assert client.publish("out/t1/label/update", b"label", retain=True)
+        wait_until(lambda: len(inbox.messages) == 501, 10, what="every message")
+        assert [(t, p) for t, p, _r in inbox.messages[:500]] == batch
+        assert client.sent == 501 and client.unsent == 0
+    finally:
+        client.stop()
+        inbox.close()
+    late = PahoInbox(broker.port, "out/+/label/update")
+    try:
+        wait_until(lambda: late.messages, 5, what="the retained label")
+        assert late.messages == [("out/t1/label/update", b"label", True)]
+    finally:
+        late.close()
+
+
+def test_publishing_without_a_broker_is_counted_and_hooks_run_on_every_connection(
+    tmp_path: Path,
+) -> None:
+    base = short_dir()
+    port = free_port()
+    client = MqttClient(
+        broker=BrokerConfig(host="127.0.0.1", port=port, reconnect_min_s=1, reconnect_max_s=1),
+        client_id="hooked",
+    )
+    connections: list[int] = []
+    client.on_connected(lambda c: connections.append(c.connects))
+    client.start()
+    try:
+        assert client.publish_many([("a/b", b"1"), ("a/c", b"2")]) == 0
+        assert client.unsent == 2
+        server = Mosquitto(base, port)
+        server.start()
+        try:
+            assert client.wait_connected(10)
+            wait_until(lambda: connections == [1], 5, what="the first hook")
+            server.restart()
+            wait_until(lambda: connections == [1, 2], 15, what="the hook after a restart")
+            assert client.publish("a/b", b"3")
+        finally:
+            client.stop()
+            server.stop()
+    finally:
+        client.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        del tmp_path
