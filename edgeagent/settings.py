@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import structlog
 from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from edgecommon.settings import EnvOverFileSettings
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
     """The configuration file or environment is invalid; the message says where."""
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(EnvOverFileSettings):
     """Settings of ``edge-agent``."""
 
     model_config = SettingsConfigDict(env_prefix="WINDEDGE_AGENT_", extra="forbid", frozen=True)
@@ -189,19 +191,6 @@ class AgentSettings(BaseSettings):
         if self.capture_destination == "Cloud" and not self.capture_s3_bucket:
             raise ValueError("capture_destination Cloud needs capture_s3_bucket")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats what the file said (the file's values arrive as
-        # init arguments through load_settings).
-        return (env_settings, init_settings)
 
 
 # SageMaker Edge Agent JSON keys -> our fields. Keys the original needed for

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from edgeapp.errors import ConfigError
+from edgecommon.settings import EnvOverFileSettings
 
 TURBINE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 """A turbine id: it becomes a topic level, so no ``/``, ``+``, ``#`` or blanks."""
@@ -24,7 +25,7 @@ _TURBINE_ID_RE = re.compile(TURBINE_ID_PATTERN)
 _TOPIC_PREFIX_RE = re.compile(r"[^+#\s]+(?:/[^+#\s/]+)*")
 
 
-class AppSettings(BaseSettings):
+class AppSettings(EnvOverFileSettings):
     """Settings of ``edge-app``."""
 
     model_config = SettingsConfigDict(env_prefix="WINDEDGE_APP_", extra="forbid", frozen=True)
@@ -214,18 +215,6 @@ class AppSettings(BaseSettings):
                 f"{len(self.turbines)} turbines listed but max_turbines is {self.max_turbines}"
             )
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment beats the file (whose values arrive as init arguments).
-        return (env_settings, init_settings)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
