@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from edgeagent.package import (
     load_public_key,
     sign,
 )
+from tests.harness import short_dir, toml_text
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
@@ -56,25 +56,6 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 # variables of the test environment that must not leak into an agent
 _SCRUBBED_PREFIXES = ("WINDEDGE_", "NOTIFY_SOCKET", "WATCHDOG_")
-
-
-def short_dir(prefix: str = "we-") -> Path:
-    """A new directory with a short path (for Unix sockets); the caller removes it."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def toml_text(values: Mapping[str, Any]) -> str:
-    """A flat TOML document of scalars (enough for the agent's settings)."""
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            rendered = "true" if value else "false"
-        elif isinstance(value, int | float):
-            rendered = repr(value)
-        else:
-            rendered = json.dumps(str(value))  # a JSON string is a TOML basic string
-        lines.append(f"{key} = {rendered}")
-    return "\n".join(lines) + "\n"
 
 
 @dataclass

@@ -13,13 +13,11 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,8 @@ import numpy as np
 
 from edgeagent.client import AgentClient
 from edgeagent.package import extract_package, load_public_key
+from tests.harness import short_dir, toml_text
+from tests.harness import wait_until as wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
@@ -42,17 +42,6 @@ TEST_CREDENTIALS = {
 _SCRUBBED = ("WINDEDGE_", "NOTIFY_SOCKET", "WATCHDOG_", "AWS_")
 
 
-def short_dir(prefix: str = "wecap-") -> Path:
-    """A directory with a short path (Unix socket paths are limited to 107 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def windows(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
     return np.random.default_rng(seed).standard_normal((n, 6, 10, 10), dtype=np.float32)
 
@@ -61,30 +50,6 @@ def extract_model(dest: Path) -> Path:
     """The bundled wind-turbine 1.0 package, verified and unpacked at ``dest``."""
     extract_package(BUNDLED, dest, trusted_keys=[load_public_key(DEV_KEYS / "windedge-dev.pub")])
     return dest
-
-
-def toml_text(values: Mapping[str, Any]) -> str:
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            rendered = "true" if value else "false"
-        elif isinstance(value, int | float):
-            rendered = repr(value)
-        else:
-            rendered = json.dumps(str(value))
-        lines.append(f"{key} = {rendered}")
-    return "\n".join(lines) + "\n"
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass

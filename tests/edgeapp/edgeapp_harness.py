@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.client import AgentClient
 from edgeapp.features import RAW_FIELDS
+from tests.harness import free_port, toml_value, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
@@ -39,28 +39,6 @@ DEV_KEYS = REPO / "models" / "dev-keys"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 PYTHON = sys.executable
 _SCRUBBED = ("WINDEDGE_", "NOTIFY_SOCKET", "WATCHDOG_")
-
-
-def short_dir(prefix: str = "wa-") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -249,16 +227,6 @@ class Agent:
 
 
 # ---------------------------------------------------------------- edge-app
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
 
 
 class App:

@@ -1,0 +1,50 @@
+"""Small helpers every process-level test harness shares."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+
+def short_dir(prefix: str = "we-") -> Path:
+    """A new directory with a short path (Unix socket paths are limited to 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+
+
+def toml_text(values: Mapping[str, object]) -> str:
+    """A flat TOML document (enough for the processes' settings files)."""
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str = "", *, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until it is truthy; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
