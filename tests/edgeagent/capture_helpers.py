@@ -26,7 +26,11 @@ import numpy as np
 
 from edgeagent.client import AgentClient
 from edgeagent.package import extract_package, load_public_key
-from tests.harness import short_dir, toml_text
+
+# re-exported: the capture tests import these from here
+from tests.harness import free_port as free_port
+from tests.harness import short_dir as short_dir
+from tests.harness import toml_text as toml_text
 from tests.harness import wait_until as wait_for
 
 REPO = Path(__file__).resolve().parents[2]

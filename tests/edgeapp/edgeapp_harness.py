@@ -31,7 +31,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.client import AgentClient
 from edgeapp.features import RAW_FIELDS
-from tests.harness import free_port, toml_value, wait_until
+
+# re-exported: the edge-app tests import these from here
+from tests.harness import free_port as free_port
+from tests.harness import short_dir as short_dir
+from tests.harness import toml_value as toml_value
+from tests.harness import wait_until as wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
