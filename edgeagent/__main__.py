@@ -16,21 +16,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-import grpc
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from grpc_health.v1 import health
 
 from edgeagent import __doc__ as package_doc
 from edgeagent.capture import StatusBook
 from edgeagent.capture_spool import CaptureSpool, spool_config
 from edgeagent.capture_upload import CaptureConfigError, Uploader, build_destination
 from edgeagent.grpc_server import SocketInUseError, build_server, prepare_socket_path
+from edgeagent.health import HealthState
 from edgeagent.package import PackageError, load_trusted_keys
 from edgeagent.registry import ModelRegistry, StateStore
 from edgeagent.runtime import RuntimeOptions
 from edgeagent.service import AgentService, PackageLoader
 from edgeagent.settings import AgentSettings, ConfigError, load_settings
+from edgeagent.wire.server import Server
 from edgecommon.logging import configure_logging
 from edgecommon.memory import tune_malloc
 from edgecommon.sdnotify import Notifier
@@ -84,8 +84,8 @@ class AgentApp:
             capture_statuses=self.capture_statuses,
             max_batch=settings.max_batch,
         )
-        self.server: grpc.Server | None = None
-        self.health: health.HealthServicer | None = None
+        self.server: Server | None = None
+        self.health: HealthState | None = None
 
     def _trusted_keys(self) -> list[Ed25519PublicKey]:
         directory = self.settings.trusted_keys
@@ -129,7 +129,7 @@ class AgentApp:
         if self.health is not None:
             self.health.enter_graceful_shutdown()
         if self.server is not None:
-            self.server.stop(grace).wait()
+            self.server.stop(grace)
         # the uploader first, so that nothing touches the spool once its lock is gone
         self.capture_uploader.close(timeout=grace)
         self.capture_spool.close()  # what was acknowledged is fsynced before we exit

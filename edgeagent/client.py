@@ -1,19 +1,20 @@
 """The typed client of the Edge Agent API: what every other windedge process uses.
 
-It speaks the same wire contract as any SageMaker Edge Agent client (a gRPC
-channel to ``unix://<socket>``), raises the agent's own exception classes
-instead of ``grpc.RpcError``, and returns plain values (NumPy arrays,
-``ModelInfo``) so protobuf never leaks into callers.
+It speaks the same wire contract as any SageMaker Edge Agent client (gRPC on
+``unix://<socket>``, through ``edgeagent.wire``, which costs a fraction of
+grpcio's per-call CPU), raises the agent's own exception classes, and returns
+plain values (NumPy arrays, ``ModelInfo``) so protobuf never leaks into
+callers.
 """
 
 from __future__ import annotations
 
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
-import grpc
 import numpy as np
 import sysv_ipc
 from grpc_health.v1 import health_pb2
@@ -21,35 +22,33 @@ from numpy.typing import NDArray
 
 from edgeagent import errors
 from edgeagent._proto import agent_pb2 as pb
-from edgeagent._proto import agent_pb2_grpc as pb_grpc
 from edgeagent.capture import AuxEncoding, CaptureStatus
-from edgeagent.tensors import DTYPE_TO_WIRE, WIRE_DTYPES, ModelInfo, TensorSpec
+from edgeagent.tensors import WIRE_DTYPES, ModelInfo, TensorSpec
+from edgeagent.wire.client import CallError, Channel
+from edgeagent.wire.h2 import Status
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-_ERROR_OF: dict[grpc.StatusCode, type[errors.AgentError]] = {
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
-    grpc.StatusCode.OUT_OF_RANGE: errors.OutOfRangeError,
-    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.UnavailableError,
+SERVICE = "/AWS.SageMaker.Edge.Agent/"
+
+_ERROR_OF: dict[Status, type[errors.AgentError]] = {
+    Status.NOT_FOUND: errors.NotFoundError,
+    Status.INVALID_ARGUMENT: errors.InvalidArgumentError,
+    Status.ALREADY_EXISTS: errors.AlreadyExistsError,
+    Status.PERMISSION_DENIED: errors.PermissionDeniedError,
+    Status.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
+    Status.FAILED_PRECONDITION: errors.FailedPreconditionError,
+    Status.OUT_OF_RANGE: errors.OutOfRangeError,
+    Status.UNAVAILABLE: errors.UnavailableError,
+    Status.DEADLINE_EXCEEDED: errors.UnavailableError,
+    Status.CANCELLED: errors.UnavailableError,
 }
 
 
-def error_from_rpc(exc: grpc.RpcError) -> errors.AgentError:
+def error_from_call(exc: CallError) -> errors.AgentError:
     """The agent error class for a failed call, with the agent's message."""
-    # a failed call's RpcError is also a grpc.Call (code, details); the stubs
-    # cannot express that, so ask for the methods
-    code_of = getattr(exc, "code", None)
-    details_of = getattr(exc, "details", None)
-    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
-    detail = details_of() if callable(details_of) else str(exc)
-    cls = _ERROR_OF.get(code, errors.InternalError)
-    return cls(detail or code.name)
+    cls = _ERROR_OF.get(exc.code, errors.InternalError)
+    return cls(exc.message or exc.code.name)
 
 
 def _spec(md: pb.TensorMetadata) -> TensorSpec:
@@ -67,19 +66,41 @@ def _info(model: pb.Model) -> ModelInfo:
     )
 
 
-def _tensor_proto(name: str, array: NDArray[np.generic], shape: Sequence[int] | None) -> pb.Tensor:
-    dtype = array.dtype.newbyteorder("=").name
-    if dtype not in DTYPE_TO_WIRE:
+# little-endian dtype -> wire number, and back: lookups instead of dtype-name strings
+_WIRE_OF: dict[np.dtype[np.generic], int] = {
+    np.dtype(name).newbyteorder("<"): number for number, name in WIRE_DTYPES.items()
+}
+_DTYPE_OF: dict[int, np.dtype[np.generic]] = {number: dt for dt, number in _WIRE_OF.items()}
+
+
+def _wire_bytes(array: NDArray[np.generic]) -> tuple[int, bytes]:
+    """The wire dtype number and little-endian C-order bytes of ``array``."""
+    little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    number = _WIRE_OF.get(little)
+    if number is None:
         raise errors.InvalidArgumentError(f"dtype {array.dtype} cannot travel to the agent")
-    little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    if little is not array.dtype:
+        array = array.astype(little)
+    return number, array.tobytes()  # C order, whatever the array's layout
+
+
+def _tensor_proto(name: str, array: NDArray[np.generic], shape: Sequence[int] | None) -> pb.Tensor:
+    number, data = _wire_bytes(array)
     return pb.Tensor(
         tensor_metadata=pb.TensorMetadata(
             name=name,
-            data_type=pb.DataType.ValueType(DTYPE_TO_WIRE[dtype]),
+            data_type=pb.DataType.ValueType(number),
             shape=list(shape or array.shape),
         ),
-        byte_data=little.tobytes(),
+        byte_data=data,
     )
+
+
+Resp = TypeVar("Resp")
+
+
+class _Message(Protocol):
+    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
 
 
 class AgentClient:
@@ -94,21 +115,22 @@ class AgentClient:
     ) -> None:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            f"unix://{self.socket_path}",
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.enable_retries", 0),
-            ],
-        )
-        self._stub = pb_grpc.AgentStub(self._channel)
-        # the health stub's type information is incomplete; a typed callable instead
-        self._health_check = self._channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        self._channel = Channel(self.socket_path, max_message_bytes=max_message_bytes)
+
+    def _call(
+        self,
+        method: str,
+        request: _Message,
+        parse: Callable[[bytes], Resp],
+        timeout: float | None = None,
+    ) -> Resp:
+        try:
+            raw = self._channel.unary(
+                method, request.SerializeToString(), timeout=timeout or self.timeout
+            )
+        except CallError as exc:
+            raise error_from_call(exc) from None
+        return parse(raw)
 
     def close(self) -> None:
         self._channel.close()
@@ -126,44 +148,44 @@ class AgentClient:
 
     # -- control ---------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
-        try:
-            resp = self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        resp = self._call(
+            SERVICE + "ListModels", pb.ListModelsRequest(), pb.ListModelsResponse.FromString
+        )
         return [_info(m) for m in resp.models]
 
     def describe_model(self, name: str) -> ModelInfo:
-        try:
-            resp = self._stub.DescribeModel(
-                pb.DescribeModelRequest(name=name), timeout=self.timeout
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        resp = self._call(
+            SERVICE + "DescribeModel",
+            pb.DescribeModelRequest(name=name),
+            pb.DescribeModelResponse.FromString,
+        )
         return _info(resp.model)
 
     def load_model(self, name: str, url: str | Path, *, timeout: float | None = None) -> ModelInfo:
-        try:
-            resp = self._stub.LoadModel(
-                pb.LoadModelRequest(name=name, url=str(url)),
-                timeout=timeout or max(self.timeout, 120),
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        resp = self._call(
+            SERVICE + "LoadModel",
+            pb.LoadModelRequest(name=name, url=str(url)),
+            pb.LoadModelResponse.FromString,
+            timeout=timeout or max(self.timeout, 120),
+        )
         return _info(resp.model)
 
     def unload_model(self, name: str) -> None:
-        try:
-            self._stub.UnLoadModel(pb.UnLoadModelRequest(name=name), timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        self._call(
+            SERVICE + "UnLoadModel",
+            pb.UnLoadModelRequest(name=name),
+            pb.UnLoadModelResponse.FromString,
+        )
 
     def health(self, service: str = "") -> bool:
         """True when the agent answers SERVING."""
         try:
-            resp = self._health_check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+            resp = self._call(
+                "/grpc.health.v1.Health/Check",
+                health_pb2.HealthCheckRequest(service=service),
+                health_pb2.HealthCheckResponse.FromString,
             )
-        except grpc.RpcError:
+        except errors.AgentError:
             return False
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -205,12 +227,11 @@ class AgentClient:
                     tensors.append(tensor)
             else:
                 tensors = [_tensor_proto(n, a, None) for n, a in inputs.items()]
-            try:
-                resp = self._stub.Predict(
-                    pb.PredictRequest(name=name, tensors=tensors), timeout=self.timeout
-                )
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc) from None
+            resp = self._call(
+                SERVICE + "Predict",
+                pb.PredictRequest(name=name, tensors=tensors),
+                pb.PredictResponse.FromString,
+            )
         finally:
             for seg in segments:
                 seg.detach()
@@ -245,41 +266,34 @@ class AgentClient:
                 for n, e, d in aux_outputs
             ],
         )
-        try:
-            self._stub.CaptureData(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        self._call(SERVICE + "CaptureData", request, pb.CaptureDataResponse.FromString)
 
     def capture_status(self, capture_id: str) -> CaptureStatus:
-        try:
-            resp = self._stub.GetCaptureDataStatus(
-                pb.GetCaptureDataStatusRequest(capture_id=capture_id), timeout=self.timeout
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        resp = self._call(
+            SERVICE + "GetCaptureDataStatus",
+            pb.GetCaptureDataStatusRequest(capture_id=capture_id),
+            pb.GetCaptureDataStatusResponse.FromString,
+        )
         return CaptureStatus(resp.status)
 
 
 def decode_tensor(tensor: pb.Tensor) -> NDArray[np.generic]:
     """A response tensor as an array, shaped by its metadata."""
     md = tensor.tensor_metadata
-    dtype = np.dtype(WIRE_DTYPES.get(md.data_type, "float32")).newbyteorder("<")
+    dtype = _DTYPE_OF.get(md.data_type, _DTYPE_OF[5])
     return np.frombuffer(tensor.byte_data, dtype=dtype).reshape(tuple(md.shape))
 
 
 def _shm_tensor(name: str, array: NDArray[np.generic]) -> tuple[sysv_ipc.SharedMemory, pb.Tensor]:
     """A SysV segment holding ``array``, made read-only, as the original clients did."""
-    dtype = array.dtype.newbyteorder("=").name
-    if dtype not in DTYPE_TO_WIRE:
-        raise errors.InvalidArgumentError(f"dtype {array.dtype} cannot travel to the agent")
-    data = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False)).tobytes()
+    number, data = _wire_bytes(array)
     seg = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, mode=0o600, size=max(len(data), 1))
     seg.write(data)
     seg.mode = 0o400
     tensor = pb.Tensor(
         tensor_metadata=pb.TensorMetadata(
             name=name,
-            data_type=pb.DataType.ValueType(DTYPE_TO_WIRE[dtype]),
+            data_type=pb.DataType.ValueType(number),
             shape=list(array.shape),
         ),
         shared_memory_handle=pb.SharedMemoryHandle(segment_id=seg.id, offset=0, size=0),

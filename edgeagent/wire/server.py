@@ -1,0 +1,718 @@
+"""A gRPC server on a Unix socket: unary and server-streaming methods.
+
+One reader thread per connection parses frames, answers SETTINGS and PING,
+keeps flow control and hands each complete request to a worker pool; the
+worker writes its own response (a single ``sendmsg`` for a small one), so a
+call crosses one thread boundary. A method may say which of its requests are
+cheap (``inline``: e.g. a Predict of a few windows); those run on the reader
+thread itself when the connection has nothing else in flight, with no
+hand-off at all. A concurrent call on the same connection then waits at most
+that cheap call's time; anything else runs in the pool.
+
+Bad input ends at the smallest scope that holds it: a malformed request gets
+a gRPC status, a protocol violation ends its connection with GOAWAY, and
+nothing a peer sends stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edgeagent.wire import h2
+from edgeagent.wire.h2 import ErrorCode, Status
+
+log = structlog.get_logger(__name__)
+
+_RECV = 256 * 1024
+_STREAM_WINDOW = 1 << 20
+_CONN_WINDOW = 1 << 24
+_MAX_FRAME = 1 << 20
+_MAX_HEADER_LIST = 16 * 1024
+_MAX_IOV = 512
+_MAX_GRPC_MESSAGE_TEXT = 2048
+_SEND_STALL = 30  # seconds a blocked write may wait before the connection is dropped
+
+_RESPONSE_HEADERS = h2.encode_headers(
+    [(b":status", b"200"), (b"content-type", b"application/grpc")]
+)
+_OK_TRAILERS = h2.encode_headers([(b"grpc-status", b"0")])
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+class RpcError(Exception):
+    """Raised by a method: the call ends with this status and message."""
+
+    def __init__(self, code: Status, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class StreamCall:
+    """What a streaming method sees of its call."""
+
+    def __init__(self, stream: _Stream, conn: _Connection) -> None:
+        self._stream = stream
+        self._conn = conn
+
+    def active(self) -> bool:
+        return not (self._stream.closed or self._conn.dead or self._conn.server.stopping)
+
+
+Unary = Callable[[Any], bytes]
+Streaming = Callable[[Any, StreamCall], Iterator[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """How to serve one path: ``parse`` turns the request message into what ``unary``
+    (one response) or ``streaming`` (any number) take, raising ``RpcError`` for a bad
+    one; ``inline`` says whether a parsed request is cheap enough to run on the
+    connection's reader thread."""
+
+    parse: Callable[[bytes], Any]
+    unary: Unary | None = None
+    streaming: Streaming | None = None
+    inline: Callable[[Any], bool] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    sid: int
+    method: Method | None
+    window: int
+    deadline: float | None = None
+    body: bytearray = field(default_factory=bytearray)
+    headers_sent: bool = False
+    unacked: int = 0  # body bytes received and not yet given back to the window
+    discard: bool = False  # answered already (an error): the rest of its body is ignored
+    closed: bool = False  # reset by the peer, or finished
+
+
+def _timeout(value: bytes | None) -> float | None:
+    if not value or len(value) < 2 or not value[:-1].isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    return None if unit is None else time.monotonic() + int(value[:-1]) * unit
+
+
+def _error_block(code: Status, text: str, *, trailers_only: bool) -> bytes:
+    status = [
+        (b"grpc-status", str(int(code)).encode()),
+        (b"grpc-message", h2.encode_grpc_message(text[:_MAX_GRPC_MESSAGE_TEXT])),
+    ]
+    if trailers_only:
+        status = [(b":status", b"200"), (b"content-type", b"application/grpc"), *status]
+    return h2.encode_headers(status)
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, server: Server) -> None:
+        self.sock = sock
+        self.server = server
+        self.lock = threading.Lock()
+        self.window_open = threading.Condition(self.lock)
+        self.streams: dict[int, _Stream] = {}
+        self.busy = 0  # requests handed to workers and not yet answered
+        self.dead = False
+        self.goaway_sent = False
+        self.last_sid = 0
+        self.send_window = h2.DEFAULT_WINDOW
+        self.peer_initial_window = h2.DEFAULT_WINDOW
+        self.peer_max_frame = h2.DEFAULT_MAX_FRAME
+        self.recv_window = h2.DEFAULT_WINDOW
+        self.reader = h2.FrameReader(_MAX_FRAME)
+        self.decoder = h2.HeaderDecoder(_MAX_HEADER_LIST)
+        self._continuation: tuple[int, int, bytearray] | None = None
+
+    # -- writing (any thread) --------------------------------------------
+    def _sendv(self, parts: list[bytes | memoryview]) -> None:
+        """Write every part; the caller holds ``self.lock``."""
+        views = [memoryview(p) for p in parts if len(p)]
+        while views:
+            sent = self.sock.sendmsg(views[:_MAX_IOV])
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            if not self.dead:
+                self._send_or_die([data])
+
+    def _send_or_die(self, parts: list[bytes | memoryview]) -> bool:
+        try:
+            self._sendv(parts)
+        except OSError:
+            self.dead = True
+            self.window_open.notify_all()
+            return False
+        return True
+
+    def send_error(self, stream: _Stream, code: Status, text: str) -> None:
+        with self.lock:
+            if stream.closed or self.dead:
+                return
+            block = _error_block(code, text, trailers_only=not stream.headers_sent)
+            stream.closed = True
+            self.streams.pop(stream.sid, None)
+            self._send_or_die(
+                [h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, block)]
+            )
+
+    def send_messages(self, stream: _Stream, payloads: Iterator[bytes]) -> bool:
+        """Response headers (once) and each payload as a message; False when the call ended."""
+        for payload in payloads:
+            if len(payload) > self.server.max_message_bytes:
+                self.send_error(
+                    stream,
+                    Status.RESOURCE_EXHAUSTED,
+                    f"response of {len(payload)} bytes is over the limit of "
+                    f"{self.server.max_message_bytes}",
+                )
+                return False
+            data = memoryview(h2.message(payload))
+            with self.lock:
+                parts: list[bytes | memoryview] = []
+                if not stream.headers_sent:
+                    parts.append(
+                        h2.frame(h2.HEADERS, h2.END_HEADERS, stream.sid, _RESPONSE_HEADERS)
+                    )
+                    stream.headers_sent = True
+                pos = 0
+                while pos < len(data):
+                    while (
+                        not (stream.closed or self.dead)
+                        and min(self.send_window, stream.window) <= 0
+                    ):
+                        if parts and not self._send_or_die(parts):
+                            return False
+                        parts = []
+                        self.window_open.wait(1.0)
+                    if stream.closed or self.dead:
+                        return False
+                    n = min(len(data) - pos, self.send_window, stream.window, self.peer_max_frame)
+                    parts.append(struct.pack(">BHBBI", n >> 16, n & 0xFFFF, h2.DATA, 0, stream.sid))
+                    parts.append(data[pos : pos + n])
+                    pos += n
+                    self.send_window -= n
+                    stream.window -= n
+                if not self._send_or_die(parts):
+                    return False
+        return True
+
+    def finish_now(self, stream: _Stream, payload: bytes) -> bool:
+        """A small unary response in one write, if the windows allow it now."""
+        n = len(payload) + 5
+        if n > self.peer_max_frame:
+            return False
+        with self.lock:
+            if stream.closed or self.dead:
+                return True  # nobody to answer
+            if min(self.send_window, stream.window) < n:
+                return False
+            self.send_window -= n
+            stream.window -= n
+            stream.closed = True
+            self.streams.pop(stream.sid, None)
+            self._send_or_die(
+                [
+                    h2.frame(h2.HEADERS, h2.END_HEADERS, stream.sid, _RESPONSE_HEADERS)
+                    + struct.pack(">BHBBI", n >> 16, n & 0xFFFF, h2.DATA, 0, stream.sid)
+                    + b"\x00"
+                    + struct.pack(">I", len(payload)),
+                    payload,
+                    h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, _OK_TRAILERS),
+                ]
+            )
+            return True
+
+    def finish(self, stream: _Stream, payload: bytes) -> None:
+        """A unary response of any size: headers, one message, OK trailers."""
+        if not self.finish_now(stream, payload) and self.send_messages(stream, iter((payload,))):
+            self.end_ok(stream)
+
+    def _finish_in_pool(self, stream: _Stream, payload: bytes) -> None:
+        try:
+            self.finish(stream, payload)
+        finally:
+            self.server.call_done()
+
+    def end_ok(self, stream: _Stream) -> None:
+        with self.lock:
+            if stream.closed or self.dead:
+                return
+            stream.closed = True
+            self.streams.pop(stream.sid, None)
+            self._send_or_die(
+                [h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, _OK_TRAILERS)]
+            )
+
+    # -- running a call ----------------------------------------------------
+    def run_call(self, stream: _Stream, request: Any, *, on_reader: bool = False) -> None:
+        method = stream.method
+        try:
+            if method is None:
+                raise RpcError(Status.UNIMPLEMENTED, "no such method")
+            if stream.deadline is not None and time.monotonic() > stream.deadline:
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
+            if method.unary is not None:
+                response = method.unary(request)
+                if not self.finish_now(stream, response):
+                    if on_reader:  # waiting for window here would stop the reader: hand it off
+                        self.server.call_started()
+                        self.server.pool.submit(self._finish_in_pool, stream, response)
+                    else:
+                        self.finish(stream, response)
+            elif method.streaming is not None:
+                sent = self.send_messages(
+                    stream, method.streaming(request, StreamCall(stream, self))
+                )
+                if self.server.stopping:
+                    self.send_error(stream, Status.UNAVAILABLE, "the agent is shutting down")
+                elif sent:
+                    self.end_ok(stream)
+        except RpcError as exc:
+            self.send_error(stream, exc.code, exc.message)
+        except Exception:
+            log.exception("method failed", stream=stream.sid)
+            self.send_error(stream, Status.INTERNAL, "internal error; see the agent's log")
+        finally:
+            with self.lock:
+                self.busy -= 1
+            self.server.call_done()
+
+    # -- reading (the connection's own thread) ---------------------------
+    def serve(self) -> None:
+        try:
+            self._handshake()
+            while True:
+                data = self.sock.recv(_RECV)
+                if not data:
+                    return
+                self._on_bytes(data)
+        except h2.ProtocolError as exc:
+            log.warning("closing a connection that broke the protocol", error=str(exc))
+            self.write(h2.goaway(self.last_sid, exc.code, str(exc)))
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.dead = True
+                for stream in self.streams.values():
+                    stream.closed = True
+                self.streams.clear()
+                self.window_open.notify_all()
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            self.server.forget(self)
+
+    def _handshake(self) -> None:
+        self.write(
+            h2.settings_frame(
+                {
+                    h2.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
+                    h2.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                    h2.MAX_FRAME_SIZE: _MAX_FRAME,
+                    h2.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST,
+                    h2.ENABLE_PUSH: 0,
+                }
+            )
+            + h2.window_update(0, _CONN_WINDOW - h2.DEFAULT_WINDOW)
+        )
+        self.recv_window = _CONN_WINDOW
+        got = b""
+        while len(got) < len(h2.PREFACE):
+            chunk = self.sock.recv(len(h2.PREFACE) - len(got))
+            if not chunk:
+                raise OSError("closed before the preface")
+            got += chunk
+        if got != h2.PREFACE:
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+
+    def _on_bytes(self, data: bytes) -> None:
+        out: list[bytes] = []
+        ready: list[tuple[_Stream, bytes]] = []
+        consumed = [0]
+        for f in self.reader.feed(data):
+            if self._continuation is not None and f.kind != h2.CONTINUATION:
+                raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
+            kind = f.kind
+            if kind == h2.DATA:
+                self._on_data(f, out, ready, consumed)
+            elif kind == h2.HEADERS:
+                if not f.stream_id:
+                    raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+                block = h2.strip_padding(f)
+                if f.flags & h2.END_HEADERS:
+                    self._on_headers(f.stream_id, f.flags, block, out, ready)
+                else:
+                    self._continuation = (f.stream_id, f.flags, bytearray(block))
+            elif kind == h2.CONTINUATION:
+                self._on_continuation(f, out, ready)
+            elif kind == h2.SETTINGS:
+                self._on_settings(f, out)
+            elif kind == h2.PING:
+                if len(f.payload) != 8:
+                    raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PING of wrong size")
+                if not f.flags & h2.ACK:
+                    out.append(h2.frame(h2.PING, h2.ACK, 0, f.payload))
+            elif kind == h2.WINDOW_UPDATE:
+                self._on_window_update(f)
+            elif kind == h2.RST_STREAM:
+                with self.lock:
+                    stream = self.streams.pop(f.stream_id, None)
+                    if stream is not None:
+                        stream.closed = True
+                        self.window_open.notify_all()
+            elif kind == h2.GOAWAY:
+                pass  # the client stops opening streams; ours finish, then it closes
+            elif kind == h2.PUSH_PROMISE:
+                raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            # PRIORITY and unknown frame types are ignored, as RFC 9113 asks
+        total = consumed[0]
+        if total:
+            self.recv_window -= total
+            if self.recv_window < _CONN_WINDOW // 2:
+                out.append(h2.window_update(0, _CONN_WINDOW - self.recv_window))
+                self.recv_window = _CONN_WINDOW
+        if out:
+            self.write(b"".join(out))
+        self._dispatch(ready)
+
+    def _dispatch(self, ready: list[tuple[_Stream, bytes]]) -> None:
+        for stream, payload in ready:
+            method = stream.method
+            if method is None:
+                continue  # answered UNIMPLEMENTED already
+            try:
+                request = method.parse(payload)
+            except RpcError as exc:
+                self.send_error(stream, exc.code, exc.message)
+                continue
+            with self.lock:
+                inline = self.busy == 0 and len(ready) == 1
+                self.busy += 1
+            inline = inline and method.inline is not None and method.inline(request)
+            self.server.call_started()
+            if inline:
+                self.run_call(stream, request, on_reader=True)
+            else:
+                try:
+                    self.server.pool.submit(self.run_call, stream, request)
+                except RuntimeError:  # the pool is shut down: the server is stopping
+                    self.run_call_refused(stream)
+
+    def run_call_refused(self, stream: _Stream) -> None:
+        self.send_error(stream, Status.UNAVAILABLE, "the agent is shutting down")
+        with self.lock:
+            self.busy -= 1
+        self.server.call_done()
+
+    def _on_continuation(
+        self, f: h2.Frame, out: list[bytes], ready: list[tuple[_Stream, bytes]]
+    ) -> None:
+        if self._continuation is None or f.stream_id != self._continuation[0]:
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        sid, flags, block = self._continuation
+        block += f.payload
+        if len(block) > _MAX_HEADER_LIST * 2:
+            raise h2.ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if f.flags & h2.END_HEADERS:
+            self._continuation = None
+            self._on_headers(sid, flags, bytes(block), out, ready)
+
+    def _on_headers(
+        self,
+        sid: int,
+        flags: int,
+        block: bytes,
+        out: list[bytes],
+        ready: list[tuple[_Stream, bytes]],
+    ) -> None:
+        headers = h2.header_dict(self.decoder.decode(block))  # always: keeps HPACK state
+        with self.lock:
+            stream = self.streams.get(sid)
+        if stream is not None:  # trailers from the client end its half of the stream
+            if not flags & h2.END_STREAM:
+                raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "second HEADERS without END")
+            self._complete(stream, ready)
+            return
+        if sid % 2 == 0 or sid <= self.last_sid:
+            if sid <= self.last_sid and sid % 2:
+                return  # a stream we already closed (e.g. answered early): ignore
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, f"bad stream id {sid}")
+        self.last_sid = sid
+        if self.server.stopping:
+            out.append(h2.rst_stream(sid, ErrorCode.REFUSED_STREAM))
+            return
+        with self.lock:
+            crowded = len(self.streams) >= self.server.max_concurrent_streams
+        if crowded:
+            out.append(h2.rst_stream(sid, ErrorCode.REFUSED_STREAM))
+            return
+        path = headers.get(b":path", b"").decode("latin-1")
+        method = self.server.methods.get(path)
+        stream = _Stream(
+            sid=sid,
+            method=method,
+            window=self.peer_initial_window,
+            deadline=_timeout(headers.get(b"grpc-timeout")),
+        )
+        with self.lock:
+            self.streams[sid] = stream
+        content_type = headers.get(b"content-type", b"")
+        if headers.get(b":method") != b"POST" or not content_type.startswith(b"application/grpc"):
+            stream.discard = True
+            with self.lock:
+                stream.closed = True
+                self.streams.pop(sid, None)
+            out.append(
+                h2.frame(
+                    h2.HEADERS,
+                    h2.END_HEADERS | h2.END_STREAM,
+                    sid,
+                    h2.encode_headers([(b":status", b"415")]),
+                )
+            )
+            return
+        if method is None:
+            stream.discard = True
+            self.send_error(stream, Status.UNIMPLEMENTED, f"unknown method {path}")
+        elif headers.get(b"grpc-encoding", b"identity") != b"identity":
+            stream.discard = True
+            self.send_error(stream, Status.UNIMPLEMENTED, "compressed requests are not supported")
+        if flags & h2.END_STREAM:
+            self._complete(stream, ready)
+
+    def _on_data(
+        self,
+        f: h2.Frame,
+        out: list[bytes],
+        ready: list[tuple[_Stream, bytes]],
+        consumed: list[int],
+    ) -> None:
+        sid = f.stream_id
+        if not sid:
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        consumed[0] += len(f.payload)
+        with self.lock:
+            stream = self.streams.get(sid)
+        if stream is None:
+            if sid > self.last_sid:
+                raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
+            return  # closed already: flow control is counted, the bytes dropped
+        if not stream.discard:
+            stream.body += h2.strip_padding(f)
+            if len(stream.body) > self.server.max_message_bytes + 5:
+                stream.discard = True
+                stream.body = bytearray()
+                self.send_error(
+                    stream,
+                    Status.RESOURCE_EXHAUSTED,
+                    f"request larger than the agent's limit of {self.server.max_message_bytes} "
+                    "bytes (max_message_bytes)",
+                )
+        if f.flags & h2.END_STREAM:
+            self._complete(stream, ready)
+        elif not stream.closed:
+            # keep the stream's window open while its body arrives
+            stream.unacked += len(f.payload)
+            if stream.unacked >= _STREAM_WINDOW // 2:
+                out.append(h2.window_update(sid, stream.unacked))
+                stream.unacked = 0
+
+    def _complete(self, stream: _Stream, ready: list[tuple[_Stream, bytes]]) -> None:
+        if stream.discard or stream.closed:
+            with self.lock:
+                if stream.closed:
+                    self.streams.pop(stream.sid, None)
+            return
+        body = stream.body
+        stream.body = bytearray()
+        if len(body) < 5:
+            self.send_error(stream, Status.INTERNAL, "request without a message")
+            return
+        if body[0] != 0:
+            self.send_error(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
+            return
+        (length,) = struct.unpack_from(">I", body, 1)
+        if length != len(body) - 5:
+            self.send_error(stream, Status.INTERNAL, "request is not exactly one message")
+            return
+        ready.append((stream, bytes(memoryview(body)[5:])))
+
+    def _on_settings(self, f: h2.Frame, out: list[bytes]) -> None:
+        if f.stream_id:
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if f.flags & h2.ACK:
+            return
+        values = h2.parse_settings(f.payload)
+        with self.lock:
+            if h2.INITIAL_WINDOW_SIZE in values:
+                delta = values[h2.INITIAL_WINDOW_SIZE] - self.peer_initial_window
+                self.peer_initial_window = values[h2.INITIAL_WINDOW_SIZE]
+                for stream in self.streams.values():
+                    stream.window += delta
+                self.window_open.notify_all()
+            if h2.MAX_FRAME_SIZE in values:
+                self.peer_max_frame = values[h2.MAX_FRAME_SIZE]
+        out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
+
+    def _on_window_update(self, f: h2.Frame) -> None:
+        if len(f.payload) != 4:
+            raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of wrong size")
+        (increment,) = struct.unpack(">I", f.payload)
+        increment &= 0x7FFF_FFFF
+        with self.lock:
+            if not f.stream_id:
+                self.send_window += increment
+                if self.send_window > h2.MAX_WINDOW:
+                    raise h2.ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
+            else:
+                stream = self.streams.get(f.stream_id)
+                if stream is not None:
+                    stream.window += increment
+            self.window_open.notify_all()
+
+    def goaway(self) -> None:
+        with self.lock:
+            if self.goaway_sent or self.dead:
+                return
+            self.goaway_sent = True
+            self._send_or_die([h2.goaway(self.last_sid, ErrorCode.NO_ERROR, "shutting down")])
+
+    def close(self) -> None:
+        with self.lock:
+            self.dead = True
+            self.window_open.notify_all()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class Server:
+    """Serve ``methods`` (``/package.Service/Method`` -> ``Method``) on a Unix socket."""
+
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        *,
+        workers: int,
+        max_message_bytes: int,
+        max_concurrent_streams: int = 128,
+    ) -> None:
+        self.methods = methods
+        self.max_message_bytes = max_message_bytes
+        self.max_concurrent_streams = max_concurrent_streams
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc")
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._path: Path | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._connections: dict[_Connection, threading.Thread] = {}
+        self._acceptor: threading.Thread | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def bind(self, path: Path, *, mode: int = 0o660) -> None:
+        """Listen on ``path`` (which must be free), created with ``mode``."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~mode)  # the socket is born with its mode, never wider
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        listener.listen(128)
+        self._listener = listener
+        self._path = path
+
+    def start(self) -> None:
+        if self._listener is None:
+            raise RuntimeError("bind() before start()")
+        self._acceptor = threading.Thread(target=self._accept, name="agent-accept", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        while not self._stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.01)  # e.g. EMFILE: back off rather than spin
+                continue
+            # a peer that stops reading cannot hold a worker (and the connection) forever
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", _SEND_STALL, 0)
+            )
+            conn = _Connection(sock, self)
+            thread = threading.Thread(target=conn.serve, name="agent-conn", daemon=True)
+            with self._lock:
+                if self._stop.is_set():
+                    sock.close()
+                    return
+                self._connections[conn] = thread
+            thread.start()
+
+    def forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.pop(conn, None)
+
+    def call_started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def call_done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    def stop(self, grace: float) -> None:
+        """Refuse new calls, let calls in flight finish for up to ``grace`` s, close everything."""
+        with self._lock:
+            self._stop.set()
+            connections = list(self._connections.items())
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+        for conn, _ in connections:
+            conn.goaway()
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(max(0.0, deadline - time.monotonic()))
+        for conn, _ in connections:
+            conn.close()
+        for _, thread in connections:
+            thread.join(timeout=2.0)
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=2.0)
+        self.pool.shutdown(wait=True, cancel_futures=True)
