@@ -185,6 +185,9 @@ def test_unload_lets_in_flight_predictions_finish(
     client.load_model("going", packages.v1)
     with Hammer(agent.socket, "going", x, expected, threads=3, stop_on_not_found=True) as hammer:
         hammer.wait_for(3, timeout=60)
+        # the threads run in step: right after a batch ends they are all still sending
+        # the next one, so wait until those are computing
+        time.sleep(0.15)
         unload_called = time.monotonic()
         client.unload_model("going")
         unload_returned = time.monotonic()
