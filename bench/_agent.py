@@ -96,8 +96,8 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 @contextmanager
-def echo_server() -> Iterator[AgentClient]:
-    """bench/_echo_server.py in a subprocess; yields a client to it."""
+def echo_server() -> Iterator[Path]:
+    """bench/_echo_server.py (a do-nothing grpcio server) in a subprocess; yields its socket."""
     with tempfile.TemporaryDirectory(prefix="windedge-echo-") as tmp:
         sock = Path(tmp) / "echo.sock"
         proc = subprocess.Popen(
@@ -105,15 +105,13 @@ def echo_server() -> Iterator[AgentClient]:
             cwd=ROOT,
             start_new_session=True,
         )
-        client = AgentClient(sock, timeout=60)
         try:
             deadline = time.monotonic() + 30
             while not sock.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("echo server did not start")
                 time.sleep(0.05)
-            yield client
+            yield sock
         finally:
-            client.close()
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(10)

@@ -1,7 +1,7 @@
-"""A do-nothing gRPC server on a Unix socket: Predict echoes its input.
+"""A do-nothing grpcio server on a Unix socket: Predict echoes its input.
 
-The floor of what any Python gRPC server adds to a Predict on this machine,
-measured beside the agent by bench/agent_latency.py.
+With a grpcio client, the floor of what a plain grpcio server adds to a
+Predict on this machine; measured beside the agent by bench/agent_latency.py.
 Run: python -m bench._echo_server SOCKET
 """
 

@@ -13,7 +13,7 @@ import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import sysv_ipc
@@ -130,7 +130,7 @@ class AgentClient:
             )
         except CallError as exc:
             raise error_from_call(exc) from None
-        return parse(raw)
+        return parse(cast(bytes, raw))  # a view, not a copy: protobuf parses any buffer
 
     def close(self) -> None:
         self._channel.close()

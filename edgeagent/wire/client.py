@@ -54,6 +54,8 @@ class _Connection:
         sock.settimeout(None)
         self.sock = sock
         self._timeout_set = 0.0
+        self._rbuf = bytearray(_RECV)  # reused: recv(n) would allocate n bytes every call
+        self._rview = memoryview(self._rbuf)
         self.reader = h2.FrameReader(_MAX_FRAME)
         self.decoder = h2.HeaderDecoder(64 * 1024)
         self.next_sid = 1
@@ -108,14 +110,14 @@ class _Connection:
             if remaining <= 0:
                 raise TimeoutError
             try:
-                data = self.sock.recv(_RECV)
+                n = self.sock.recv_into(self._rbuf)
             except BlockingIOError:
                 raise TimeoutError from None
             except OSError as exc:
                 raise _BrokenError(f"the agent closed the connection: {exc}") from None
-            if not data:
+            if not n:
                 raise _BrokenError("the agent closed the connection")
-            self._pending.extend(self.reader.feed(data))
+            self._pending.extend(self.reader.feed(bytes(self._rview[:n])))
         f = self._pending.popleft()
         if f.kind == h2.SETTINGS and not f.flags & h2.ACK:
             values = h2.parse_settings(f.payload)
@@ -152,7 +154,7 @@ class _Connection:
             self._headers_cache[method] = block
         return block
 
-    def unary(self, method: str, request: bytes, deadline: float) -> bytes:
+    def unary(self, method: str, request: bytes, deadline: float) -> memoryview:
         self.set_timeout(deadline - time.monotonic())
         sid = self.next_sid
         self.next_sid += 2
@@ -162,7 +164,8 @@ class _Connection:
         stream_window = self.peer_initial_window
         head = h2.frame(h2.HEADERS, h2.END_HEADERS, sid, self._headers(method))
         pos = 0
-        response = bytearray()
+        response: list[bytes] = []
+        received = 0
         headers: dict[bytes, bytes] | None = None
         stream_unacked = 0
         try:
@@ -209,9 +212,11 @@ class _Connection:
                     if f.flags & h2.END_STREAM:
                         return self._result(headers, response)
                 elif f.kind == h2.DATA:
-                    response += h2.strip_padding(f)
+                    data = h2.strip_padding(f)
+                    response.append(data)
+                    received += len(data)
                     stream_unacked += len(f.payload)
-                    if len(response) > self.max_message_bytes + 5:
+                    if received > self.max_message_bytes + 5:
                         raise CallError(
                             Status.RESOURCE_EXHAUSTED,
                             f"response larger than this client's limit of "
@@ -249,7 +254,7 @@ class _Connection:
             flags = f.flags
         return self.decoder.decode(bytes(block))
 
-    def _result(self, headers: dict[bytes, bytes], response: bytearray) -> bytes:
+    def _result(self, headers: dict[bytes, bytes], parts: list[bytes]) -> memoryview:
         raw_status = headers.get(b"grpc-status")
         if raw_status is None:
             raise CallError(Status.INTERNAL, "the response carries no grpc-status")
@@ -259,12 +264,13 @@ class _Connection:
             code = Status.UNKNOWN
         if code is not Status.OK:
             raise CallError(code, h2.decode_grpc_message(headers.get(b"grpc-message", b"")))
+        response = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(response) < 5 or response[0] != 0:
             raise CallError(Status.INTERNAL, "the response is not one uncompressed message")
         (length,) = struct.unpack_from(">I", response, 1)
         if length != len(response) - 5:
             raise CallError(Status.INTERNAL, "the response is not exactly one message")
-        return bytes(memoryview(response)[5:])
+        return memoryview(response)[5:]
 
     def _reset_quietly(self, sid: int) -> None:
         try:
@@ -292,7 +298,8 @@ class Channel:
         self._lock = threading.Lock()
         self._closed = False
 
-    def unary(self, method: str, request: bytes, *, timeout: float) -> bytes:
+    def unary(self, method: str, request: bytes, *, timeout: float) -> memoryview:
+        """The response message of ``method`` (a view: copy it to keep it past the caller)."""
         if len(request) > self.max_message_bytes:
             raise CallError(
                 Status.RESOURCE_EXHAUSTED,

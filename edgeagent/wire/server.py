@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -94,7 +94,8 @@ class _Stream:
     method: Method | None
     window: int
     deadline: float | None = None
-    body: bytearray = field(default_factory=bytearray)
+    body: list[bytes] = field(default_factory=list)  # DATA payloads, joined at the end
+    received: int = 0
     headers_sent: bool = False
     unacked: int = 0  # body bytes received and not yet given back to the window
     discard: bool = False  # answered already (an error): the rest of its body is ignored
@@ -300,11 +301,13 @@ class _Connection:
     def serve(self) -> None:
         try:
             self._handshake()
+            buffer = bytearray(_RECV)  # reused: recv(n) would allocate n bytes every call
+            view = memoryview(buffer)
             while True:
-                data = self.sock.recv(_RECV)
-                if not data:
+                n = self.sock.recv_into(buffer)
+                if not n:
                     return
-                self._on_bytes(data)
+                self._on_bytes(bytes(view[:n]))
         except h2.ProtocolError as exc:
             log.warning("closing a connection that broke the protocol", error=str(exc))
             self.write(h2.goaway(self.last_sid, exc.code, str(exc)))
@@ -347,7 +350,7 @@ class _Connection:
 
     def _on_bytes(self, data: bytes) -> None:
         out: list[bytes] = []
-        ready: list[tuple[_Stream, bytes]] = []
+        ready: list[tuple[_Stream, memoryview]] = []
         consumed = [0]
         for f in self.reader.feed(data):
             if self._continuation is not None and f.kind != h2.CONTINUATION:
@@ -395,13 +398,14 @@ class _Connection:
             self.write(b"".join(out))
         self._dispatch(ready)
 
-    def _dispatch(self, ready: list[tuple[_Stream, bytes]]) -> None:
+    def _dispatch(self, ready: list[tuple[_Stream, memoryview]]) -> None:
         for stream, payload in ready:
             method = stream.method
             if method is None:
                 continue  # answered UNIMPLEMENTED already
             try:
-                request = method.parse(payload)
+                # a view into the received frame, not a copy: protobuf parses any buffer
+                request = method.parse(cast(bytes, payload))
             except RpcError as exc:
                 self.send_error(stream, exc.code, exc.message)
                 continue
@@ -425,7 +429,7 @@ class _Connection:
         self.server.call_done()
 
     def _on_continuation(
-        self, f: h2.Frame, out: list[bytes], ready: list[tuple[_Stream, bytes]]
+        self, f: h2.Frame, out: list[bytes], ready: list[tuple[_Stream, memoryview]]
     ) -> None:
         if self._continuation is None or f.stream_id != self._continuation[0]:
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
@@ -443,7 +447,7 @@ class _Connection:
         flags: int,
         block: bytes,
         out: list[bytes],
-        ready: list[tuple[_Stream, bytes]],
+        ready: list[tuple[_Stream, memoryview]],
     ) -> None:
         headers = h2.header_dict(self.decoder.decode(block))  # always: keeps HPACK state
         with self.lock:
@@ -504,7 +508,7 @@ class _Connection:
         self,
         f: h2.Frame,
         out: list[bytes],
-        ready: list[tuple[_Stream, bytes]],
+        ready: list[tuple[_Stream, memoryview]],
         consumed: list[int],
     ) -> None:
         sid = f.stream_id
@@ -518,10 +522,12 @@ class _Connection:
                 raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
             return  # closed already: flow control is counted, the bytes dropped
         if not stream.discard:
-            stream.body += h2.strip_padding(f)
-            if len(stream.body) > self.server.max_message_bytes + 5:
+            data = h2.strip_padding(f)
+            stream.body.append(data)
+            stream.received += len(data)
+            if stream.received > self.server.max_message_bytes + 5:
                 stream.discard = True
-                stream.body = bytearray()
+                stream.body = []
                 self.send_error(
                     stream,
                     Status.RESOURCE_EXHAUSTED,
@@ -537,14 +543,15 @@ class _Connection:
                 out.append(h2.window_update(sid, stream.unacked))
                 stream.unacked = 0
 
-    def _complete(self, stream: _Stream, ready: list[tuple[_Stream, bytes]]) -> None:
+    def _complete(self, stream: _Stream, ready: list[tuple[_Stream, memoryview]]) -> None:
         if stream.discard or stream.closed:
             with self.lock:
                 if stream.closed:
                     self.streams.pop(stream.sid, None)
             return
-        body = stream.body
-        stream.body = bytearray()
+        parts = stream.body
+        stream.body = []
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(body) < 5:
             self.send_error(stream, Status.INTERNAL, "request without a message")
             return
@@ -555,7 +562,7 @@ class _Connection:
         if length != len(body) - 5:
             self.send_error(stream, Status.INTERNAL, "request is not exactly one message")
             return
-        ready.append((stream, bytes(memoryview(body)[5:])))
+        ready.append((stream, memoryview(body)[5:]))
 
     def _on_settings(self, f: h2.Frame, out: list[bytes]) -> None:
         if f.stream_id:
