@@ -20,10 +20,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from gzip import GzipFile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
@@ -47,6 +46,9 @@ from edgeagent.package.paths import MANIFEST_NAME, SIGNATURE_NAME
 from edgeagent.package.signing import sign
 from edgeagent.package.verify import hash_file, read_manifest_dir, verify_package_dir
 from edgeagent.tensors import TensorSpec
+
+if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.package.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 MODEL_FILE = "model.onnx"
 GOLDEN_INPUT = "golden/input.npy"

@@ -31,8 +31,7 @@ import stat
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from edgeagent.package.archive import (
     DEFAULT_LIMITS,
@@ -54,6 +53,9 @@ from edgeagent.package.errors import (
 from edgeagent.package.manifest import Manifest
 from edgeagent.package.paths import MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, split_relpath
 from edgeagent.package.signing import SIGNATURE_SIZE, verify_signature
+
+if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.package.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -8,6 +8,10 @@ them does not depend on the device's clock.
 Keys are PEM files: the private key PKCS#8 (unencrypted, mode 0600), public
 keys SubjectPublicKeyInfo. A device trusts every ``*.pub`` / ``*.pem`` public
 key in its key directory (``/etc/windedge/keys/``).
+
+``cryptography`` (about 10 MB resident with OpenSSL) is imported by the
+functions that use keys, not with this module: processes that only read
+manifests (the detection daemon) never load it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from edgeagent.package.errors import KeyFileError, PackageSignatureError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 SIGNATURE_SIZE = 64
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -31,6 +38,9 @@ TRUSTED_KEY_SUFFIXES = (".pub", ".pem")
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """A short fingerprint (first 16 hex digits of SHA-256 of the raw public key)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy: see the module docstring
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415 - lazy: see the module docstring
+
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
@@ -44,6 +54,9 @@ def generate_keypair(
     The private key is written with mode 0600 (created that way, not chmodded
     afterwards), the public key 0644. Raises KeyFileError if either exists.
     """
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy: see the module docstring
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415 - lazy: see the module docstring
+
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM,
@@ -102,6 +115,9 @@ def _read_key_file(path: Path) -> bytes:
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Load an unencrypted PEM (PKCS#8) Ed25519 private key."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy: see the module docstring
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415 - lazy: see the module docstring
+
     file = Path(path)
     data = _read_key_file(file)
     try:
@@ -115,6 +131,9 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Load a PEM (SubjectPublicKeyInfo) Ed25519 public key."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy: see the module docstring
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415 - lazy: see the module docstring
+
     file = Path(path)
     data = _read_key_file(file)
     if b"PRIVATE KEY" in data:
@@ -155,6 +174,8 @@ def verify_signature(
     manifest_bytes: bytes, signature: bytes, trusted_keys: Sequence[Ed25519PublicKey] | None
 ) -> Ed25519PublicKey:
     """Return the trusted key that signed ``manifest_bytes``; else PackageSignatureError."""
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - lazy: see the module docstring
+
     if not trusted_keys:
         raise PackageSignatureError("no trusted keys configured: cannot verify manifest.sig")
     if len(signature) != SIGNATURE_SIZE:

@@ -14,8 +14,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from edgeagent.package.errors import (
     PackageInvalidError,
@@ -25,6 +24,9 @@ from edgeagent.package.errors import (
 from edgeagent.package.manifest import MAX_MANIFEST_BYTES, Manifest
 from edgeagent.package.paths import MANIFEST_NAME, SIGNATURE_NAME
 from edgeagent.package.signing import SIGNATURE_SIZE, verify_signature
+
+if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.package.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 CHUNK_SIZE = 1024 * 1024
 
