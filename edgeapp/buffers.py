@@ -1,9 +1,21 @@
-"""Rolling buffers of raw samples: one preallocated array for the whole farm.
+"""Rolling buffers of samples: one preallocated array for the whole farm.
 
-``data`` is ``(max_turbines, capacity, 7)`` float64 (columns ``RAW_FIELDS``),
-allocated once; each turbine owns a row (a *slot*) and writes into it as a
-ring. Per slot the buffer keeps the write index, how many samples arrived
-since the buffer last (re)started, when the newest sample arrived (monotonic
+A sample arrives raw (7 values, ``RAW_FIELDS``) and is stored as its 6
+features (``FEATURES``: the quaternion already turned into roll, pitch, yaw,
+step 1 of the pipeline) in float32. ``data`` is ``(max_turbines, capacity, 6)``
+float32, allocated once; each turbine owns a row (a *slot*) and writes into it
+as a ring.
+
+Why features and not raw float32: rounding the quaternion to float32 before
+the conversion is ill-conditioned where the asin argument nears +-1 (pitch
+near +-90 degrees, or non-unit quaternions at the clip): there it moved the
+model input by up to 3e-3 against the float64 reference (allowed: 1e-4).
+Converted in float64 first, then rounded, an angle is off by at most half a
+float32 ulp (1.2e-7 rad), which the pipeline's float32 output absorbs. At
+1,000 turbines the ring is 12 MB instead of 28 MB in float64.
+
+Per slot the buffer keeps the write index, how many samples arrived since
+the buffer last (re)started, when the newest sample arrived (monotonic
 seconds, for latency) and that sample's own timestamp (epoch ms, NaN when it
 had none).
 
@@ -26,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.features import N_RAW
+from edgeapp.features import N_FEATURES, N_RAW, raw_to_features, sample_to_features
 
 __all__ = ["Gathered", "TurbineBuffers"]
 
@@ -35,8 +47,8 @@ __all__ = ["Gathered", "TurbineBuffers"]
 class Gathered:
     """The newest samples of some turbines, copied out of the buffers."""
 
-    raw: NDArray[np.float64]
-    """``(T, n, 7)``, oldest sample first."""
+    features: NDArray[np.float32]
+    """``(T, n, 6)`` features (``FEATURES``), oldest sample first."""
     arrival: NDArray[np.float64]
     """``(T,)`` monotonic arrival time of each turbine's newest sample."""
     ts: NDArray[np.float64]
@@ -44,7 +56,7 @@ class Gathered:
 
 
 class TurbineBuffers:
-    """Preallocated per-turbine ring buffers of raw samples."""
+    """Preallocated per-turbine ring buffers of samples, stored as float32 features."""
 
     def __init__(
         self,
@@ -63,7 +75,9 @@ class TurbineBuffers:
         self.gap_reset_s = gap_reset_s
         self.lock = threading.Lock()
         # np.zeros maps untouched pages lazily: a slot costs memory once it is used.
-        self.data: NDArray[np.float64] = np.zeros((max_turbines, capacity, N_RAW))
+        self.data: NDArray[np.float32] = np.zeros(
+            (max_turbines, capacity, N_FEATURES), dtype=np.float32
+        )
         # Per-slot scalars live in Python lists: the append path reads and writes
         # them one at a time, where lists are several times cheaper than arrays.
         self._write = [0] * max_turbines
@@ -120,11 +134,12 @@ class TurbineBuffers:
         self, slot: int, row: Sequence[float], arrival: float, ts: float | None = None
     ) -> None:
         """Append one sample (7 values in ``RAW_FIELDS`` order) to a turbine's ring."""
+        features = sample_to_features(row)
         with self.lock:
             if arrival - self._arrival[slot] > self.gap_reset_s:
                 self._count[slot] = 0
             w = self._write[slot]
-            self.data[slot, w] = row
+            self.data[slot, w] = features
             w += 1
             self._write[slot] = 0 if w == self.capacity else w
             self._count[slot] += 1
@@ -145,7 +160,7 @@ class TurbineBuffers:
         k = block.shape[0]
         if k == 0:
             return
-        keep = block[-self.capacity :]
+        keep = raw_to_features(block[-self.capacity :])
         with self.lock:
             if arrival - self._arrival[slot] > self.gap_reset_s:
                 self._count[slot] = 0
@@ -168,7 +183,7 @@ class TurbineBuffers:
         return counts, arrival
 
     def gather(
-        self, slots: NDArray[np.intp], n: int, out: NDArray[np.float64] | None = None
+        self, slots: NDArray[np.intp], n: int, out: NDArray[np.float32] | None = None
     ) -> Gathered:
         """Copy the newest ``n`` samples of each slot (oldest first), into ``out`` if given.
 
@@ -178,11 +193,12 @@ class TurbineBuffers:
         if not 1 <= n <= self.capacity:
             raise ValueError(f"n must be within 1..{self.capacity}, got {n}")
         count = len(slots)
+        shape = (count, n, N_FEATURES)
         if out is None:
-            out = np.empty((count, n, N_RAW), dtype=np.float64)
-        elif out.shape != (count, n, N_RAW):
-            raise ValueError(f"out must have shape {(count, n, N_RAW)}, got {out.shape}")
-        flat = self.data.reshape(-1, N_RAW)
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+        flat = self.data.reshape(-1, N_FEATURES)
         with self.lock:
             write = np.array([self._write[s] for s in slots], dtype=np.intp)
             arrival = np.array([self._arrival[s] for s in slots], dtype=np.float64)
@@ -190,4 +206,4 @@ class TurbineBuffers:
             index = (write[:, None] - n + np.arange(n)) % self.capacity
             index += np.asarray(slots, dtype=np.intp)[:, None] * self.capacity
             np.take(flat, index, axis=0, out=out)
-        return Gathered(raw=out, arrival=arrival, ts=ts)
+        return Gathered(features=out, arrival=arrival, ts=ts)

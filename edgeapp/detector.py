@@ -5,10 +5,11 @@ At each tick (``tick_period_s``, 2 Hz by default) the detector
 1. asks the ``ModelFollower`` which package the agent serves (and publishes
    the dashboard label when that changes, or to turbines seen for the first time);
 2. picks the turbines with a full buffer and samples newer than their last verdict;
-3. per chunk of at most ``max_batch`` windows: copies their newest samples out
-   of the buffers, runs ``prepare_windows`` on the whole chunk, and sends it to
-   the agent in one ``Predict``; then scores the reconstruction and hands the
-   verdicts (and, once per ``dashboard_period_s``, the feature means) to the sink.
+3. per chunk of at most ``max_batch`` windows: copies their newest samples
+   out of the buffers (stored as features), runs ``windows_from_features`` on
+   the whole chunk, and sends it to the agent in one ``Predict``; then scores
+   the reconstruction and hands the verdicts (and, once per
+   ``dashboard_period_s``, the feature means) to the sink.
 
 Inference runs on ``max_inflight`` worker threads (2 by default): the agent
 works on chunks k and k+1 at once (its sessions run requests concurrently, one
@@ -44,7 +45,7 @@ from numpy.typing import NDArray
 from edgeagent.capture import AuxEncoding
 from edgeagent.errors import AgentError
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.features import N_FEATURES, N_RAW, feature_means, prepare_windows, score
+from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
 
 __all__ = ["Detector", "TickReport", "VerdictBatch", "VerdictSink"]
@@ -55,7 +56,7 @@ log = structlog.get_logger("edgeapp.detector")
 # connection is closed under it (the daemon must stop within 2 s).
 STOP_GRACE_S = 0.7
 _CAPTURE_LOG_INTERVAL_S = 60.0
-# Turbines copied out of the buffers and prepared at once (prepare_windows' own chunk).
+# Turbines copied out of the buffers and prepared at once (the feature pipeline's own chunk).
 _GATHER_TURBINES = 64
 
 
@@ -169,7 +170,7 @@ class Detector:
         self._next_dashboard = -math.inf
         self._label: str | None = None
         self._labelled = 0  # turbines (by slot order) that got the current label
-        self._raw: NDArray[np.float64] | None = None  # reused gather buffer
+        self._gathered: NDArray[np.float32] | None = None  # reused gather buffer
         self._capture_prefix = f"edge-app-{uuid.uuid4().hex[:12]}"
         self._captures = 0
         self.last_capture_id: str | None = None
@@ -248,14 +249,14 @@ class Detector:
 
         Small copies keep the daemon's memory flat (one reusable buffer of
         ``_GATHER_TURBINES`` x n samples) and hold the buffer lock briefly;
-        ``prepare_windows`` works in chunks of that size anyway.
+        the feature pipeline works in chunks of that size anyway.
         """
         params = model.params
         n = params.buffer
         count = len(slots)
-        raw = self._raw
-        if raw is None or raw.shape[1] != n:
-            raw = self._raw = np.empty((_GATHER_TURBINES, n, N_RAW))
+        buffer = self._gathered
+        if buffer is None or buffer.shape[1] != n:
+            buffer = self._gathered = np.empty((_GATHER_TURBINES, n, N_FEATURES), np.float32)
         windows = np.empty((count, params.n_windows, *params.input_shape), dtype=np.float32)
         means = np.empty((count, N_FEATURES)) if dashboard else None
         arrival = np.empty(count)
@@ -265,11 +266,13 @@ class Detector:
             part = slice(begin, min(count, begin + _GATHER_TURBINES))
             started = self._clock()
             size = part.stop - part.start
-            gathered = self.buffers.gather(slots[part], n, out=raw[:size])
+            gathered = self.buffers.gather(slots[part], n, out=buffer[:size])
             gathered_at = self._clock()
-            windows[part] = prepare_windows(gathered.raw, params)
+            windows[part] = windows_from_features(gathered.features, params)
             if means is not None:
-                means[part] = feature_means(gathered.raw, params, samples=self.dashboard_samples)
+                means[part] = means_of_features(
+                    gathered.features, params, samples=self.dashboard_samples
+                )
             arrival[part] = gathered.arrival
             ts[part] = gathered.ts
             gather_s += gathered_at - started

@@ -60,10 +60,12 @@ __all__ = [
     "Scores",
     "quaternion_to_euler",
     "raw_to_features",
+    "sample_to_features",
     "denoise",
     "prepare_windows",
     "windows_from_features",
     "feature_means",
+    "means_of_features",
     "score",
 ]
 
@@ -488,6 +490,29 @@ def raw_to_features(raw: ArrayLike) -> NDArray[np.float64]:
     return out
 
 
+_atan2: Final = math.atan2
+_asin: Final = math.asin
+
+
+def sample_to_features(row: Sequence[float]) -> tuple[float, ...]:
+    """One raw sample (7 values, ``RAW_FIELDS``) -> its 6 features (``FEATURES``).
+
+    Step 1 for a single sample, in Python floats (float64): the same formula as
+    ``quaternion_to_euler``, cheaper than numpy for one sample (~0.35 us).
+    """
+    x, y, z, w, wind, rps, voltage = row
+    arg = 2.0 * (w * y - z * x)
+    arg = 1.0 if arg > 1.0 else -1.0 if arg < -1.0 else arg
+    return (
+        _atan2(w * x + y * z, 0.5 - (x * x + y * y)),
+        _asin(arg),
+        _atan2(w * z + x * y, 0.5 - (y * y + z * z)),
+        wind,
+        rps,
+        voltage,
+    )
+
+
 def feature_means(
     raw: ArrayLike, params: PreprocessingParams, *, samples: int | None = None
 ) -> NDArray[np.float64]:
@@ -505,6 +530,27 @@ def feature_means(
         raise InputShapeError("raw samples are empty")
     features = raw_to_features(array[..., -count:, :])
     means: NDArray[np.float64] = features.mean(axis=-2)
+    return means
+
+
+def means_of_features(
+    features: ArrayLike, params: PreprocessingParams, *, samples: int | None = None
+) -> NDArray[np.float64]:
+    """``feature_means`` from features ``(n, 6)`` or ``(T, n, 6)`` (any float dtype).
+
+    Accumulates in float64.
+    """
+    array = np.asarray(features)
+    if array.ndim not in (2, 3) or array.shape[-1] != N_FEATURES:
+        raise InputShapeError(
+            f"features must have shape (n, {N_FEATURES}) or (T, n, {N_FEATURES}); got {array.shape}"
+        )
+    count = params.window if samples is None else samples
+    if count < 1:
+        raise ValueError(f"samples must be at least 1, got {count}")
+    if array.shape[-2] == 0:
+        raise InputShapeError("features are empty")
+    means: NDArray[np.float64] = array[..., -count:, :].mean(axis=-2, dtype=np.float64)
     return means
 
 
@@ -665,9 +711,13 @@ def windows_from_features(features: ArrayLike, params: PreprocessingParams) -> N
     """Like ``prepare_windows``, from features ``(n, 6)`` or ``(T, n, 6)`` (steps 2-4).
 
     For buffers that keep converted samples (``raw_to_features`` once per sample
-    on arrival) instead of converting the whole buffer at every tick.
+    on arrival) instead of converting the whole buffer at every tick. float32
+    features are read as they are (no float64 copy of the whole buffer): the
+    maths casts the samples it uses to float64.
     """
-    array = np.asarray(features, dtype=np.float64)
+    array: NDArray[np.floating[Any]] = np.asarray(features)
+    if array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float64)
     if array.ndim not in (2, 3) or array.shape[-1] != N_FEATURES:
         raise InputShapeError(
             f"features must have shape (n, {N_FEATURES}) or (T, n, {N_FEATURES}) with columns "
@@ -677,7 +727,7 @@ def windows_from_features(features: ArrayLike, params: PreprocessingParams) -> N
 
 
 def _prepare(
-    array: NDArray[np.float64], params: PreprocessingParams, *, from_raw: bool
+    array: NDArray[np.floating[Any]], params: PreprocessingParams, *, from_raw: bool
 ) -> NDArray[np.float32]:
     single = array.ndim == 2
     batch = array[None] if single else array
@@ -749,7 +799,7 @@ def _fast_path(params: PreprocessingParams, n: int) -> _FastPath:
 
 
 def _windows_by_plan(
-    batch: NDArray[np.float64], fast: _FastPath, out: NDArray[np.float32], *, from_raw: bool
+    batch: NDArray[np.floating[Any]], fast: _FastPath, out: NDArray[np.float32], *, from_raw: bool
 ) -> None:
     """Steps 1-4 for ``(T, n, 7)`` raw buffers (or 2-4 for ``(T, n, 6)`` features) into
     ``out`` ``(T, W, 6, window)``, with a plan."""
@@ -758,9 +808,9 @@ def _windows_by_plan(
     # Step 1, only for the samples that reach a window, in feature-major rows.
     rows = np.empty((n_turbines, N_FEATURES, n - plan.first), dtype=np.float64)
     if from_raw:
-        _features_into(batch[:, plan.first :, :], rows)
+        _features_into(np.asarray(batch[:, plan.first :, :], dtype=np.float64), rows)
     else:
-        rows[...] = batch[:, plan.first :, :].transpose(0, 2, 1)
+        rows[...] = batch[:, plan.first :, :].transpose(0, 2, 1)  # float32 -> float64 here
     flat = rows.reshape(n_turbines * N_FEATURES, -1)
     # Step 2: analysis, soft threshold, synthesis of the window samples only.
     parts = [flat[:, block.first - plan.first :] @ block.matrix for block in plan.analysis]
@@ -771,7 +821,7 @@ def _windows_by_plan(
 
 
 def _windows_by_pywt(
-    batch: NDArray[np.float64], params: PreprocessingParams, out: NDArray[np.float32]
+    batch: NDArray[np.floating[Any]], params: PreprocessingParams, out: NDArray[np.float32]
 ) -> None:
     """Steps 2-4 for ``(T, n, 6)`` features through the full-length PyWavelets path."""
     n = batch.shape[1]

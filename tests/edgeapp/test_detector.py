@@ -125,7 +125,10 @@ def test_one_tick_scores_every_full_buffer_like_the_reference(
     # the dashboard: feature means over the last 100 samples
     means = {t: m for t, _ts, m in sink.dashboards}
     for turbine, raw in raws.items():
-        np.testing.assert_allclose(means[turbine], feature_means(raw, params, samples=100))
+        # the buffers store float32 features: the means agree to float32 precision
+        np.testing.assert_allclose(
+            means[turbine], feature_means(raw, params, samples=100), rtol=1e-6
+        )
     # every turbine, the short one too, got the label once
     assert sorted(sink.labels) == sorted((t, "Model loaded: 1.0") for t in [*raws, "short"])
 

@@ -20,6 +20,7 @@ from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
 from edgeapp import features
+from edgeapp.buffers import TurbineBuffers
 from edgeapp.features import (
     BLOCK_KEYS,
     FEATURES,
@@ -27,9 +28,12 @@ from edgeapp.features import (
     PreprocessingError,
     PreprocessingParams,
     feature_means,
+    means_of_features,
     prepare_windows,
     quaternion_to_euler,
+    sample_to_features,
     score,
+    windows_from_features,
 )
 
 
@@ -246,6 +250,15 @@ def test_quaternion_to_euler_matches_math(quats: NDArray[np.float64]) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.float64, st.tuples(st.integers(1, 20), st.just(7)), elements=finite))
+def test_sample_to_features_matches_the_vectorised_conversion(raw: NDArray[np.float64]) -> None:
+    got = np.array([sample_to_features(row) for row in raw.tolist()])
+    want = np.array([[*ref.euler_from_quaternion(*row[:4]), *row[4:]] for row in raw.tolist()])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, features.raw_to_features(raw), rtol=0, atol=1e-12)
+
+
 def test_asin_argument_is_clipped() -> None:
     # Non-unit quaternions: 2 (qw qy - qz qx) = +-1.62 and +-4.5.
     quats = np.array(
@@ -435,6 +448,69 @@ def test_feature_means() -> None:
         atol=1e-12,
     )
     assert feature_means(raw[0], DEFAULT).shape == (6,)
+
+
+def test_means_of_features_matches_feature_means() -> None:
+    raw = turbine_buffers(np.random.default_rng(15), 2)
+    feats = features.raw_to_features(raw)
+    np.testing.assert_allclose(
+        means_of_features(feats, DEFAULT), feature_means(raw, DEFAULT), rtol=0, atol=1e-12
+    )
+    stored = means_of_features(feats.astype(np.float32), DEFAULT, samples=7)
+    np.testing.assert_allclose(stored, feature_means(raw, DEFAULT, samples=7), rtol=1e-6)
+    assert means_of_features(feats[0], DEFAULT).shape == (6,)
+    with pytest.raises(InputShapeError):
+        means_of_features(raw, DEFAULT)
+
+
+# ------------------------------------------------------------------ what the buffers store
+
+
+def _through_buffers(raw: NDArray[np.float64], *, one_by_one: bool) -> NDArray[np.float32]:
+    """Raw buffers (T, n, 7) -> TurbineBuffers (float32 features) -> model input."""
+    turbines, n, _ = raw.shape
+    buffers = TurbineBuffers(max_turbines=turbines, capacity=n, gap_reset_s=1e9)
+    for t in range(turbines):
+        slot = buffers.add(f"t{t}")
+        assert slot is not None
+        if one_by_one:
+            for row in raw[t].tolist():
+                buffers.append(slot, row, arrival=1.0)
+        else:
+            buffers.extend(slot, raw[t].tolist(), arrival=1.0)
+    gathered = buffers.gather(np.arange(turbines), n)
+    assert gathered.features.dtype == np.float32
+    return windows_from_features(gathered.features, DEFAULT)
+
+
+def test_stored_samples_keep_the_reference_accuracy() -> None:
+    raw = turbine_buffers(np.random.default_rng(16), 4)
+    want = ref_windows(raw, DEFAULT)
+    for one_by_one in (False, True):
+        got = _through_buffers(raw, one_by_one=one_by_one)
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_stored_samples_keep_the_accuracy_where_pitch_is_ill_conditioned() -> None:
+    # Orientations near +-90 degrees of pitch (asin argument near +-1): rounding the
+    # quaternion to float32 before the conversion would move the windows by more
+    # than TOL; the buffers convert in float64 and round the angles.
+    rng = np.random.default_rng(17)
+    raw = turbine_buffers(rng, 3)
+    n = raw.shape[1]
+    pitch = np.pi / 2 - np.array([1e-4, 3e-3, 2e-2])[:, None] * rng.random((3, n))
+    roll = 0.3 + 1e-3 * rng.standard_normal((3, n))
+    yaw = 1.0 + 1e-3 * rng.standard_normal((3, n))
+    raw[..., :4] = euler_to_quaternion(roll, pitch, yaw)
+    got = _through_buffers(raw, one_by_one=False)
+    np.testing.assert_allclose(got, ref_windows(raw, DEFAULT), rtol=0, atol=TOL)
+
+
+@settings(max_examples=20, deadline=None)
+@given(_raw_strategy())
+def test_hypothesis_stored_samples_match_reference(raw: NDArray[np.float64]) -> None:
+    got = _through_buffers(raw, one_by_one=False)
+    np.testing.assert_allclose(got, ref_windows(raw, DEFAULT), rtol=0, atol=TOL)
 
 
 # ----------------------------------------------------------------------------- step 6

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.features import RAW_FIELDS
+from edgeapp.features import FEATURES, RAW_FIELDS, raw_to_features
 from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.sources import TopicPattern
 
@@ -22,6 +22,9 @@ SAMPLE = {
     "voltage": 70.5,
 }  # fmt: skip
 ROW = tuple(SAMPLE[f] for f in RAW_FIELDS)
+# The buffers store each sample's features (step 1 done on arrival) in float32.
+FEATURE_ROW = raw_to_features(np.array(ROW)).astype(np.float32)
+RPS = FEATURES.index("rps")
 
 
 def make(
@@ -55,16 +58,17 @@ def send(ingestor: Ingestor, turbine: str, body: object, at: float = 1.0) -> Non
 
 
 def newest(ingestor: Ingestor, turbine: str, n: int = 1) -> np.ndarray[Any, Any]:
+    """The turbine's newest n samples, as the buffers store them: (n, 6) float32 features."""
     slot = ingestor.buffers.find(turbine)
     assert slot is not None
-    return ingestor.buffers.gather(np.array([slot]), n).raw[0]
+    return ingestor.buffers.gather(np.array([slot]), n).features[0]
 
 
 def test_one_sample_lands_in_its_turbines_row() -> None:
     ingestor = make()
     send(ingestor, "t1", {"ts": 1_700_000_000_000, **SAMPLE})
     assert ingestor.samples == 1 and ingestor.drops.counts == {}
-    assert tuple(newest(ingestor, "t1")[0]) == ROW
+    np.testing.assert_array_equal(newest(ingestor, "t1")[0], FEATURE_ROW)
     gathered = ingestor.buffers.gather(np.array([0]), 1)
     assert gathered.ts[0] == 1_700_000_000_000 and gathered.arrival[0] == 1.0
 
@@ -73,7 +77,7 @@ def test_the_workshop_spelling_of_wind_speed_is_accepted() -> None:
     ingestor = make()
     body = {k if k != "wind_speed_rps" else "wind speed rps": v for k, v in SAMPLE.items()}
     send(ingestor, "t1", body)
-    assert tuple(newest(ingestor, "t1")[0]) == ROW
+    np.testing.assert_array_equal(newest(ingestor, "t1")[0], FEATURE_ROW)
     assert math.isnan(ingestor.buffers.gather(np.array([0]), 1).ts[0])  # no ts given
 
 
@@ -82,7 +86,7 @@ def test_a_samples_list_is_appended_in_order() -> None:
     samples = [dict(SAMPLE, rps=float(i), ts=1000 + i) for i in range(10)]
     send(ingestor, "t1", {"samples": samples})
     assert ingestor.samples == 10
-    assert list(newest(ingestor, "t1", 10)[:, 5]) == [float(i) for i in range(10)]
+    assert list(newest(ingestor, "t1", 10)[:, RPS]) == [float(i) for i in range(10)]
     assert ingestor.buffers.gather(np.array([0]), 1).ts[0] == 1009
 
 
@@ -92,7 +96,7 @@ def test_a_bad_sample_in_a_list_drops_only_itself() -> None:
     send(ingestor, "t1", {"samples": samples})
     assert ingestor.samples == 2
     assert ingestor.drops.counts == {DropReason.WRONG_TYPE: 1}
-    assert list(newest(ingestor, "t1", 2)[:, 5]) == [1.0, 3.0]
+    assert list(newest(ingestor, "t1", 2)[:, RPS]) == [1.0, 3.0]
 
 
 BAD: list[tuple[str, bytes]] = [
@@ -136,7 +140,7 @@ def test_bad_input_is_dropped_and_counted_by_reason(reason: str, payload: bytes)
     send(ingestor, "t1", payload)
     assert ingestor.drops.counts == {reason: 1}
     assert ingestor.samples == 1
-    assert tuple(newest(ingestor, "t1")[0]) == ROW  # the good sample is untouched
+    np.testing.assert_array_equal(newest(ingestor, "t1")[0], FEATURE_ROW)  # good sample untouched
 
 
 def test_topics_that_name_no_valid_turbine_are_dropped() -> None:
@@ -194,11 +198,11 @@ def test_the_ring_keeps_the_newest_samples_oldest_first() -> None:
     ingestor = make(capacity=8)
     for i in range(20):
         send(ingestor, "t1", dict(SAMPLE, rps=float(i)), at=1.0 + i * 0.05)
-    assert list(newest(ingestor, "t1", 8)[:, 5]) == [float(i) for i in range(12, 20)]
-    assert list(newest(ingestor, "t1", 3)[:, 5]) == [17.0, 18.0, 19.0]
+    assert list(newest(ingestor, "t1", 8)[:, RPS]) == [float(i) for i in range(12, 20)]
+    assert list(newest(ingestor, "t1", 3)[:, RPS]) == [17.0, 18.0, 19.0]
     # a list longer than the ring keeps its tail
     send(ingestor, "t1", {"samples": [dict(SAMPLE, rps=float(100 + i)) for i in range(11)]}, 2.0)
-    assert list(newest(ingestor, "t1", 8)[:, 5]) == [float(100 + i) for i in range(3, 11)]
+    assert list(newest(ingestor, "t1", 8)[:, RPS]) == [float(100 + i) for i in range(3, 11)]
     counts, _arrival = ingestor.buffers.state()
     assert counts[0] == 31
 
@@ -221,7 +225,7 @@ def test_malformed_floods_do_not_touch_good_turbines() -> None:
         send(ingestor, "good", junk)
         send(ingestor, f"junk{i}", junk)
     assert ingestor.samples == 600
-    assert list(newest(ingestor, "good", 7)[:, 5]) == [float(i % 7) for i in range(593, 600)]
+    assert list(newest(ingestor, "good", 7)[:, RPS]) == [float(i % 7) for i in range(593, 600)]
     assert ingestor.buffers.ids == ["good"]
 
 

@@ -13,7 +13,7 @@ from edgeapp_harness import synthetic_samples, wait_until, write_csv
 
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.errors import ReplayError
-from edgeapp.features import RAW_FIELDS
+from edgeapp.features import RAW_FIELDS, raw_to_features
 from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.replay import ReplaySource
 from edgeapp.sources import TopicPattern
@@ -58,7 +58,8 @@ def test_csv_replays_every_row_as_fast_as_possible(tmp_path: Path, name: str) ->
     assert ing.buffers.ids == ["a", "b"]
     expected = synthetic_samples(600, seed=1, start_ms=1_000_000)[-1]
     gathered = ing.buffers.gather(np.array([1]), 1)
-    assert tuple(gathered.raw[0, 0]) == pytest.approx([expected[f] for f in RAW_FIELDS])
+    want = raw_to_features(np.array([expected[f] for f in RAW_FIELDS]))
+    np.testing.assert_allclose(gathered.features[0, 0], want, rtol=1e-7, atol=1e-12)
     assert gathered.ts[0] == expected["ts"]
 
 
