@@ -898,7 +898,8 @@ def score(windows: ArrayLike, reconstruction: ArrayLike, params: PreprocessingPa
             f"expected (W, {N_FEATURES}, h, w) or (T, W, {N_FEATURES}, h, w) with W >= 1, "
             f"got {a.shape}"
         )
-    error = np.abs(np.subtract(b, a, dtype=np.float64))
+    error = np.subtract(b, a, dtype=np.float64)
+    np.abs(error, out=error)  # in place: one float64 temporary per chunk, not two
     scores: NDArray[np.float64] = error.mean(axis=(-2, -1)).mean(axis=-2)
     flags: NDArray[np.bool_] = scores > params.thresholds_array
     groups = types.MappingProxyType(
