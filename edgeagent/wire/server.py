@@ -276,7 +276,13 @@ class _Connection:
                 if not self.finish_now(stream, response):
                     if on_reader:  # waiting for window here would stop the reader: hand it off
                         self.server.call_started()
-                        self.server.pool.submit(self._finish_in_pool, stream, response)
+                        try:
+                            self.server.pool.submit(self._finish_in_pool, stream, response)
+                        except RuntimeError:  # the pool is shut down: the server is stopping
+                            self.server.call_done()
+                            raise RpcError(
+                                Status.UNAVAILABLE, "the agent is shutting down"
+                            ) from None
                     else:
                         self.finish(stream, response)
             elif method.streaming is not None:

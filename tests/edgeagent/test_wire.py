@@ -238,6 +238,55 @@ def test_peers_that_vanish_mid_call(agent: Any) -> None:
         sock.sendall(h2.frame(h2.DATA, h2.END_STREAM, 1, request[:60000]))
 
 
+def test_a_client_with_a_tiny_window_gets_the_whole_answer(
+    agent: Any, model: Path, reference: Any
+) -> None:
+    """The response (2.4 KB) is larger than the window the client grants (100 bytes): the
+    agent sends what fits, waits for WINDOW_UPDATE and finishes, without blocking the
+    connection's reader that has to receive those updates."""
+    x = windows(1, seed=5)
+    request = h2.message(predict_request(x).SerializeToString())
+    headers = h2.encode_headers(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
+            (b"content-type", b"application/grpc"),
+        ]
+    )
+    reader = h2.FrameReader(1 << 24)
+    decoder = h2.HeaderDecoder(1 << 16)
+    body = b""
+    trailers: dict[bytes, bytes] = {}
+    with raw_connect(agent) as sock:
+        sock.sendall(
+            h2.PREFACE
+            + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 100})
+            + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, headers)
+            + h2.frame(h2.DATA, h2.END_STREAM, 1, request)
+        )
+        data_frames = 0
+        while not trailers:
+            chunk = sock.recv(65536)
+            assert chunk, "the agent closed the connection"
+            for f in reader.feed(chunk):
+                if f.kind == h2.SETTINGS and not f.flags & h2.ACK:
+                    sock.sendall(h2.frame(h2.SETTINGS, h2.ACK, 0))
+                elif f.kind == h2.DATA and f.stream_id == 1:
+                    assert len(f.payload) <= 100
+                    body += f.payload
+                    data_frames += 1
+                    sock.sendall(h2.window_update(1, 100) + h2.window_update(0, 100))
+                elif f.kind == h2.HEADERS and f.stream_id == 1:
+                    decoded = dict(decoder.decode(f.payload))
+                    if f.flags & h2.END_STREAM:
+                        trailers = decoded
+    assert trailers.get(b"grpc-status") == b"0", trailers
+    assert data_frames > 20
+    resp = pb.PredictResponse.FromString(body[5:])
+    np.testing.assert_allclose(output_of(resp), reference(model, x), rtol=1e-5, atol=1e-5)
+
+
 frame_strategy = st.tuples(
     st.integers(0, 12),  # frame type, including unknown ones
     st.integers(0, 255),
