@@ -193,7 +193,7 @@ class AgentService:
             OutputTensor(
                 name=spec.name,
                 dtype=spec.dtype,
-                shape=tuple(int(d) for d in arr.shape),
+                shape=arr.shape,
                 data=_le_bytes(arr),
             )
             for spec, arr in zip(model.info.outputs, results, strict=True)
@@ -388,8 +388,10 @@ def _captured(tensor: InputTensor, kind: str, index: int) -> CapturedTensor:
 
 
 def _le_bytes(arr: NDArray[np.generic]) -> bytes:
-    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-    return np.ascontiguousarray(little).tobytes()
+    """Little-endian bytes in C order (``tobytes`` always writes C order)."""
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr.tobytes()
 
 
 def default_state_path(state_dir: Path) -> Path:

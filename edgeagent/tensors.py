@@ -35,6 +35,7 @@ ORT_DTYPES: dict[str, str] = {
 }
 
 SUPPORTED_DTYPES: frozenset[str] = frozenset(WIRE_DTYPES.values())
+_ITEMSIZE: dict[str, int] = {name: np.dtype(name).itemsize for name in SUPPORTED_DTYPES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return int(np.dtype(self.dtype).itemsize)
+        return _ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,9 +198,9 @@ class _Connection:
                 elif f.kind == h2.RST_STREAM:
                     raise _reset(f)
                 elif f.kind in (h2.HEADERS, h2.CONTINUATION):
-                    decoded = h2.header_dict(self._header_block(f, deadline))
+                    decoded = self._header_block(f, deadline)
                     if headers is None:
-                        headers = decoded
+                        headers = dict(decoded)
                         status = decoded.get(b":status")
                         if status != b"200":
                             raise CallError(
@@ -240,7 +240,7 @@ class _Connection:
             self.close()
             raise CallError(Status.INTERNAL, f"protocol error from the agent: {exc}") from None
 
-    def _header_block(self, first: h2.Frame, deadline: float) -> list[tuple[bytes, bytes]]:
+    def _header_block(self, first: h2.Frame, deadline: float) -> dict[bytes, bytes]:
         """The decoded header block starting at ``first`` (reading its CONTINUATIONs)."""
         if first.kind != h2.HEADERS:
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
@@ -256,13 +256,13 @@ class _Connection:
 
     def _result(self, headers: dict[bytes, bytes], parts: list[bytes]) -> memoryview:
         raw_status = headers.get(b"grpc-status")
-        if raw_status is None:
-            raise CallError(Status.INTERNAL, "the response carries no grpc-status")
-        try:
-            code = Status(int(raw_status))
-        except ValueError:
-            code = Status.UNKNOWN
-        if code is not Status.OK:
+        if raw_status != b"0":
+            if raw_status is None:
+                raise CallError(Status.INTERNAL, "the response carries no grpc-status")
+            try:
+                code = Status(int(raw_status))
+            except ValueError:
+                code = Status.UNKNOWN
             raise CallError(code, h2.decode_grpc_message(headers.get(b"grpc-message", b"")))
         response = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(response) < 5 or response[0] != 0:

@@ -222,20 +222,22 @@ class HeaderDecoder:
 
     def __init__(self, max_header_list_size: int) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
-        self._cache: dict[bytes, tuple[object, list[tuple[bytes, bytes]]]] = {}
+        self._cache: dict[bytes, tuple[object, dict[bytes, bytes]]] = {}
 
     def _fingerprint(self) -> object:
         table = self._decoder.header_table
         entries = table.dynamic_entries
         return (len(entries), id(entries[0]) if entries else 0, table.maxsize)
 
-    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+    def decode(self, block: bytes) -> dict[bytes, bytes]:
+        """Name -> value (a repeated name keeps its last value). Do not modify the result:
+        it may be shared with later calls."""
         hit = self._cache.get(block)
         fp = self._fingerprint()
         if hit is not None and hit[0] == fp:
             return hit[1]
         try:
-            headers = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
+            headers = {bytes(k): bytes(v) for k, v in self._decoder.decode(block, raw=True)}
         except hpack.HPACKError as exc:
             raise ProtocolError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
         if self._fingerprint() == fp:
@@ -280,7 +282,3 @@ def decode_grpc_message(raw: bytes) -> str:
 def message(payload: bytes) -> bytes:
     """One length-prefixed, uncompressed gRPC message."""
     return b"\x00" + struct.pack(">I", len(payload)) + payload
-
-
-def header_dict(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    return dict(headers)

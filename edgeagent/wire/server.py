@@ -455,7 +455,7 @@ class _Connection:
         out: list[bytes],
         ready: list[tuple[_Stream, memoryview]],
     ) -> None:
-        headers = h2.header_dict(self.decoder.decode(block))  # always: keeps HPACK state
+        headers = self.decoder.decode(block)  # always: keeps HPACK state
         with self.lock:
             stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client end its half of the stream
