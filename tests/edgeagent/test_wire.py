@@ -287,6 +287,46 @@ def test_a_client_with_a_tiny_window_gets_the_whole_answer(
     np.testing.assert_allclose(output_of(resp), reference(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_peer_that_stops_reading_does_not_stall_others(agent: Any) -> None:
+    """It grants a huge window for a 2.4 MB answer and never reads: the agent's write to
+    it blocks (until the send timeout drops it), other clients are served meanwhile."""
+    request = h2.message(predict_request(windows(1000)).SerializeToString())
+    headers = h2.encode_headers(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
+            (b"content-type", b"application/grpc"),
+        ]
+    )
+    stuck = []
+    for _ in range(2):
+        sid = 1
+        sock = raw_connect(agent)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        frames = [h2.frame(h2.HEADERS, h2.END_HEADERS, sid, headers)]
+        for begin in range(0, len(request), 16384):
+            last = begin + 16384 >= len(request)
+            chunk = request[begin : begin + 16384]
+            frames.append(h2.frame(h2.DATA, h2.END_STREAM if last else 0, sid, chunk))
+        sock.sendall(
+            h2.PREFACE
+            + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 2**31 - 1})
+            + h2.window_update(0, 2**31 - 1 - 65535)
+            + b"".join(frames)
+        )
+        stuck.append(sock)
+    try:
+        time.sleep(1.0)  # both answers are computed and being written into full sockets
+        with AgentClient(agent.socket, timeout=10) as client:
+            for _ in range(20):
+                assert client.predict("wt", windows(2)).shape == (2, 6, 10, 10)
+            assert client.predict("wt", windows(300)).shape == (300, 6, 10, 10)
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
 frame_strategy = st.tuples(
     st.integers(0, 12),  # frame type, including unknown ones
     st.integers(0, 255),
