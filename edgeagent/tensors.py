@@ -35,7 +35,7 @@ ORT_DTYPES: dict[str, str] = {
 }
 
 SUPPORTED_DTYPES: frozenset[str] = frozenset(WIRE_DTYPES.values())
-_ITEMSIZE: dict[str, int] = {name: np.dtype(name).itemsize for name in SUPPORTED_DTYPES}
+ITEMSIZE: dict[str, int] = {name: np.dtype(name).itemsize for name in SUPPORTED_DTYPES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
+        return ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True, slots=True)
