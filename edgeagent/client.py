@@ -25,30 +25,15 @@ from edgeagent._proto import agent_pb2 as pb
 from edgeagent.capture import AuxEncoding, CaptureStatus
 from edgeagent.tensors import WIRE_DTYPES, ModelInfo, TensorSpec
 from edgeagent.wire.client import CallError, Channel
-from edgeagent.wire.h2 import Status
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 SERVICE = "/AWS.SageMaker.Edge.Agent/"
 
-_ERROR_OF: dict[Status, type[errors.AgentError]] = {
-    Status.NOT_FOUND: errors.NotFoundError,
-    Status.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    Status.ALREADY_EXISTS: errors.AlreadyExistsError,
-    Status.PERMISSION_DENIED: errors.PermissionDeniedError,
-    Status.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
-    Status.FAILED_PRECONDITION: errors.FailedPreconditionError,
-    Status.OUT_OF_RANGE: errors.OutOfRangeError,
-    Status.UNAVAILABLE: errors.UnavailableError,
-    Status.DEADLINE_EXCEEDED: errors.UnavailableError,
-    Status.CANCELLED: errors.UnavailableError,
-}
-
 
 def error_from_call(exc: CallError) -> errors.AgentError:
     """The agent error class for a failed call, with the agent's message."""
-    cls = _ERROR_OF.get(exc.code, errors.InternalError)
-    return cls(exc.message or exc.code.name)
+    return errors.error_of(exc.code, exc.message)
 
 
 def _spec(md: pb.TensorMetadata) -> TensorSpec:

@@ -1,12 +1,13 @@
 """The agent's error hierarchy.
 
-One root, one subclass per meaning. The gRPC adapter maps each class to its
-status code in one table (``edgeagent.grpc_server.STATUS_OF``); the typed
-client maps status codes back to these classes, so callers on both sides
-handle the same exceptions.
+One root, one subclass per meaning, and one table (``STATUS_OF``) from each
+class to its gRPC status code: the server answers with it, the typed client
+reads it backwards, so callers on both sides handle the same exceptions.
 """
 
 from __future__ import annotations
+
+from edgeagent.wire.h2 import Status
 
 
 class AgentError(Exception):
@@ -47,3 +48,36 @@ class UnavailableError(AgentError):
 
 class InternalError(AgentError):
     """The agent failed in a way that is its own fault."""
+
+
+STATUS_OF: dict[type[AgentError], Status] = {
+    NotFoundError: Status.NOT_FOUND,
+    InvalidArgumentError: Status.INVALID_ARGUMENT,
+    AlreadyExistsError: Status.ALREADY_EXISTS,
+    PermissionDeniedError: Status.PERMISSION_DENIED,
+    ResourceExhaustedError: Status.RESOURCE_EXHAUSTED,
+    FailedPreconditionError: Status.FAILED_PRECONDITION,
+    OutOfRangeError: Status.OUT_OF_RANGE,
+    UnavailableError: Status.UNAVAILABLE,
+    InternalError: Status.INTERNAL,
+}
+
+
+def status_of(exc: AgentError) -> Status:
+    """The status code of ``exc`` (its nearest class in the table)."""
+    for cls in type(exc).__mro__:
+        code = STATUS_OF.get(cls)
+        if code is not None:
+            return code
+    return Status.UNKNOWN
+
+
+def error_of(code: Status, message: str) -> AgentError:
+    """The exception a client raises for a failed call (a deadline is unavailability)."""
+    if code in (Status.DEADLINE_EXCEEDED, Status.CANCELLED):
+        code = Status.UNAVAILABLE
+    cls = _CLASS_OF.get(code, InternalError)
+    return cls(message or code.name)
+
+
+_CLASS_OF: dict[Status, type[AgentError]] = {code: cls for cls, code in STATUS_OF.items()}

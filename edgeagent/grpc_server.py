@@ -1,7 +1,7 @@
 """The gRPC adapter: protobuf in, plain values to ``AgentService``, protobuf out.
 
 Nothing here decides anything: it converts, calls the service and maps
-``AgentError`` subclasses to status codes through ``STATUS_OF``. Unexpected
+``AgentError`` subclasses to status codes through ``errors.STATUS_OF``. Unexpected
 exceptions become INTERNAL with a generic message (logged with the trace,
 never sent to the client). The transport underneath is ``edgeagent.wire``.
 """
@@ -36,27 +36,6 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "AWS.SageMaker.Edge.Agent"
 
-STATUS_OF: dict[type[errors.AgentError], Status] = {
-    errors.NotFoundError: Status.NOT_FOUND,
-    errors.InvalidArgumentError: Status.INVALID_ARGUMENT,
-    errors.AlreadyExistsError: Status.ALREADY_EXISTS,
-    errors.PermissionDeniedError: Status.PERMISSION_DENIED,
-    errors.ResourceExhaustedError: Status.RESOURCE_EXHAUSTED,
-    errors.FailedPreconditionError: Status.FAILED_PRECONDITION,
-    errors.OutOfRangeError: Status.OUT_OF_RANGE,
-    errors.UnavailableError: Status.UNAVAILABLE,
-    errors.InternalError: Status.INTERNAL,
-}
-
-
-def status_of(exc: errors.AgentError) -> Status:
-    for cls in type(exc).__mro__:
-        code = STATUS_OF.get(cls)
-        if code is not None:
-            return code
-    return Status.UNKNOWN
-
-
 Resp = TypeVar("Resp")
 
 
@@ -64,7 +43,7 @@ def _guard(method: str, call: Callable[[], Resp]) -> Resp:
     try:
         return call()
     except errors.AgentError as exc:
-        raise RpcError(status_of(exc), str(exc)) from None
+        raise RpcError(errors.status_of(exc), str(exc)) from None
     except Exception:
         log.exception("internal error", method=method)
         raise RpcError(

@@ -188,6 +188,16 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return got
 
 
+PREDICT_HEADERS = h2.encode_headers(
+    [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
+        (b"content-type", b"application/grpc"),
+    ]
+)
+
+
 def goaway_codes(data: bytes) -> list[int]:
     frames = h2.FrameReader(1 << 24).feed(data)
     return [struct.unpack(">I", f.payload[4:8])[0] for f in frames if f.kind == h2.GOAWAY]
@@ -218,14 +228,7 @@ def test_protocol_violations_end_with_goaway(agent: Any) -> None:
 
 def test_peers_that_vanish_mid_call(agent: Any) -> None:
     request = h2.message(predict_request(windows(200)).SerializeToString())
-    headers = h2.encode_headers(
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
-            (b"content-type", b"application/grpc"),
-        ]
-    )
+    headers = PREDICT_HEADERS
     for cut in (0, 9, 100, len(request) // 2, len(request)):
         with raw_connect(agent) as sock:
             sock.sendall(h2.PREFACE + h2.settings_frame({}))
@@ -246,14 +249,7 @@ def test_a_client_with_a_tiny_window_gets_the_whole_answer(
     connection's reader that has to receive those updates."""
     x = windows(1, seed=5)
     request = h2.message(predict_request(x).SerializeToString())
-    headers = h2.encode_headers(
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
-            (b"content-type", b"application/grpc"),
-        ]
-    )
+    headers = PREDICT_HEADERS
     reader = h2.FrameReader(1 << 24)
     decoder = h2.HeaderDecoder(1 << 16)
     body = b""
@@ -291,14 +287,7 @@ def test_a_peer_that_stops_reading_does_not_stall_others(agent: Any) -> None:
     """It grants a huge window for a 2.4 MB answer and never reads: the agent's write to
     it blocks (until the send timeout drops it), other clients are served meanwhile."""
     request = h2.message(predict_request(windows(1000)).SerializeToString())
-    headers = h2.encode_headers(
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
-            (b"content-type", b"application/grpc"),
-        ]
-    )
+    headers = PREDICT_HEADERS
     stuck = []
     for _ in range(2):
         sid = 1
