@@ -79,6 +79,7 @@ def model(packages: Any) -> Path:
 def still_serving(agent: Any) -> Iterator[None]:
     yield
     assert agent.alive(), agent.output()[-3000:]
+    assert "Traceback" not in agent.output(), agent.output()[-3000:]  # no unexpected error
     assert agent.client.health()
     assert agent.client.predict("wt", windows(1)).shape == (1, 6, 10, 10)
 
@@ -329,10 +330,22 @@ frame_strategy = st.tuples(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(frames=st.lists(frame_strategy, max_size=6))
-def test_random_frames_never_hurt_the_agent(agent: Any, frames: list[Any]) -> None:
+@given(
+    opening=st.sampled_from(["preface", "settings", "request-headers", "half-request"]),
+    frames=st.lists(frame_strategy, max_size=6),
+)
+def test_random_frames_never_hurt_the_agent(agent: Any, opening: str, frames: list[Any]) -> None:
+    """Random frames after a preface, after settings, or in the middle of a real call."""
+    prefix = h2.PREFACE
+    if opening != "preface":
+        prefix += h2.settings_frame({})
+    if opening in ("request-headers", "half-request"):
+        prefix += h2.frame(h2.HEADERS, h2.END_HEADERS, 1, PREDICT_HEADERS)
+    if opening == "half-request":
+        body = h2.message(predict_request(windows(1)).SerializeToString())
+        prefix += h2.frame(h2.DATA, 0, 1, body[: len(body) // 2])
     with raw_connect(agent) as sock:
-        data = h2.PREFACE + b"".join(h2.frame(k, f, s, p) for k, f, s, p in frames)
+        data = prefix + b"".join(h2.frame(k, f, s, p) for k, f, s, p in frames)
         try:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
