@@ -13,7 +13,7 @@ import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 import numpy as np
 import sysv_ipc
@@ -24,6 +24,7 @@ from edgeagent import errors
 from edgeagent._proto import agent_pb2 as pb
 from edgeagent.capture import AuxEncoding, CaptureStatus
 from edgeagent.tensors import WIRE_DTYPES, ModelInfo, TensorSpec
+from edgeagent.wire import h2
 from edgeagent.wire.client import CallError, Channel
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -84,10 +85,6 @@ def _tensor_proto(name: str, array: NDArray[np.generic], shape: Sequence[int] | 
 Resp = TypeVar("Resp")
 
 
-class _Message(Protocol):
-    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
-
-
 class AgentClient:
     """A connection to one agent. Thread-safe; use as a context manager or call ``close``."""
 
@@ -105,7 +102,7 @@ class AgentClient:
     def _call(
         self,
         method: str,
-        request: _Message,
+        request: h2.Message,
         parse: Callable[[bytes], Resp],
         timeout: float | None = None,
     ) -> Resp:

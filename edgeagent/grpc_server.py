@@ -17,7 +17,7 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import structlog
 from google.protobuf.message import DecodeError
@@ -29,6 +29,7 @@ from edgeagent.capture import AuxEncoding, AuxiliaryData
 from edgeagent.health import HealthState
 from edgeagent.service import AgentService, InputTensor, SharedMemoryRef
 from edgeagent.tensors import DTYPE_TO_WIRE, ITEMSIZE, WIRE_DTYPES, ModelInfo, TensorSpec
+from edgeagent.wire import h2
 from edgeagent.wire.h2 import Status
 from edgeagent.wire.server import Method, RpcError, Server
 
@@ -216,10 +217,6 @@ def prepare_socket_path(path: Path) -> None:
     raise SocketInUseError(f"another agent is already serving on {path}")
 
 
-class _Message(Protocol):
-    def SerializeToString(self) -> bytes: ...
-
-
 Req = TypeVar("Req")
 
 
@@ -265,7 +262,7 @@ def _parser(parse: Callable[[bytes], Req]) -> Callable[[bytes], Req]:
 
 def _unary(
     parse: Callable[[bytes], Req],
-    handler: Callable[[Req], _Message],
+    handler: Callable[[Req], h2.Message],
     *,
     inline: Callable[[Req], bool] | None = None,
 ) -> Method:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote, unquote
 
 import hpack
@@ -277,6 +278,12 @@ def encode_grpc_message(text: str) -> bytes:
 
 def decode_grpc_message(raw: bytes) -> str:
     return unquote(raw.decode("ascii", "replace"), errors="replace")
+
+
+class Message(Protocol):
+    """What travels in a gRPC message: anything protobuf-like that serialises itself."""
+
+    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
 
 
 def message(payload: bytes) -> bytes:

@@ -242,14 +242,14 @@ class _Connection:
             )
             return True
 
-    def finish(self, stream: _Stream, payload: bytes) -> None:
-        """A unary response of any size: headers, one message, OK trailers."""
-        if not self.finish_now(stream, payload) and self.send_messages(stream, iter((payload,))):
+    def finish_waiting(self, stream: _Stream, payload: bytes) -> None:
+        """A unary response that ``finish_now`` could not send: as the windows allow."""
+        if self.send_messages(stream, iter((payload,))):
             self.end_ok(stream)
 
     def _finish_in_pool(self, stream: _Stream, payload: bytes) -> None:
         try:
-            self.finish(stream, payload)
+            self.finish_waiting(stream, payload)
         finally:
             self.server.call_done()
 
@@ -284,7 +284,7 @@ class _Connection:
                                 Status.UNAVAILABLE, "the agent is shutting down"
                             ) from None
                     else:
-                        self.finish(stream, response)
+                        self.finish_waiting(stream, response)
             elif method.streaming is not None:
                 sent = self.send_messages(
                     stream, method.streaming(request, StreamCall(stream, self))
