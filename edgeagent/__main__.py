@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgeagent import __doc__ as package_doc
 from edgeagent.capture import StatusBook
-from edgeagent.capture_spool import CaptureSpool, spool_config
-from edgeagent.capture_upload import CaptureConfigError, Uploader, build_destination
+from edgeagent.capture.spool import CaptureSpool, spool_config
+from edgeagent.capture.upload import CaptureConfigError, Uploader, build_destination
 from edgeagent.grpc_server import SocketInUseError, build_server, prepare_socket_path
 from edgeagent.health import HealthState
 from edgeagent.package import PackageError, load_trusted_keys

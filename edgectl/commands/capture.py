@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeagent.capture import StatusBook
-from edgeagent.capture_reader import CaptureFormatError, read_records, stack
-from edgeagent.capture_spool import (
+from edgeagent.capture.reader import CaptureFormatError, read_records, stack
+from edgeagent.capture.spool import (
     SEGMENT_RE,
     CaptureSpool,
     SpoolLockedError,
     spool_config,
 )
-from edgeagent.capture_upload import Uploader, build_destination
+from edgeagent.capture.upload import Uploader, build_destination
 from edgeagent.client import AgentClient
 from edgeagent.errors import UnavailableError
 from edgeagent.settings import AgentSettings, ConfigError, load_settings

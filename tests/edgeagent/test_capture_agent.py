@@ -37,7 +37,7 @@ from capture_helpers import (
 from edgeagent._proto import agent_pb2 as pb
 from edgeagent._proto import agent_pb2_grpc as pb_grpc
 from edgeagent.capture import AuxEncoding
-from edgeagent.capture_reader import read_records, stack
+from edgeagent.capture.reader import read_records, stack
 from edgeagent.errors import AlreadyExistsError, ResourceExhaustedError
 from edgectl.commands import capture as capture_cmd
 

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeagent.capture_spool import CRASH_POINT_ENV
+from edgeagent.capture.spool import CRASH_POINT_ENV
 from edgeagent.errors import AgentError
 
 

@@ -26,15 +26,15 @@ from edgeagent.capture import (
     StatusBook,
     build_record,
 )
-from edgeagent.capture_reader import read_records, stack
-from edgeagent.capture_spool import (
+from edgeagent.capture.reader import read_records, stack
+from edgeagent.capture.spool import (
     CaptureSpool,
     SpoolConfig,
     SpoolLockedError,
     decode_line,
     encode_line,
 )
-from edgeagent.capture_upload import (
+from edgeagent.capture.upload import (
     DiskDestination,
     PermanentUploadError,
     Uploader,

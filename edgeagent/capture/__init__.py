@@ -3,7 +3,7 @@
 The transport converts wire messages into ``CaptureRequest``; the service
 validates it against the model, rejects reused ids and future timestamps, and
 hands accepted requests to a ``CaptureSink`` (the on-disk spool,
-``edgeagent.capture_spool``). ``build_record`` turns a request into exactly the
+``edgeagent.capture.spool``). ``build_record`` turns a request into exactly the
 JSON record the original SageMaker Edge agent uploaded (AGENT_API.md,
 CaptureData), so existing consumers keep working:
 
@@ -102,7 +102,7 @@ class CaptureRequest:
 
 
 class CaptureSink(Protocol):
-    """Where accepted captures go (``edgeagent.capture_spool.CaptureSpool``)."""
+    """Where accepted captures go (``edgeagent.capture.spool.CaptureSpool``)."""
 
     def put(self, request: CaptureRequest) -> None:
         """Accept a capture, or raise ResourceExhaustedError (the sink is full)."""

@@ -46,12 +46,12 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from edgeagent.capture import hour_path, path_segment
-from edgeagent.capture_credentials import (
+from edgeagent.capture.credentials import (
     CredentialsError,
     IotCredentialsConfig,
     iot_credential_provider,
 )
-from edgeagent.capture_spool import CaptureSpool, Segment, SegmentContent, crash_point
+from edgeagent.capture.spool import CaptureSpool, Segment, SegmentContent, crash_point
 from edgecommon.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ A captured batch is JSON Lines, one record per capture (see
 and shaped by ``observedContentType`` (``Tensor[FLOAT32; 1, 6, 10, 10]``),
 which consumers parse with a regular expression; this module does the same::
 
-    from edgeagent.capture_reader import read_records, stack
+    from edgeagent.capture.reader import read_records, stack
     records = read_records(Path("batch.jsonl"))
     x = stack(records, "input")    # [N, 6, 10, 10] float32, every input tensor 0
     y = stack(records, "output")
