@@ -16,8 +16,8 @@ fewer channels and no padding blow-up (10 -> 11 -> 10 -> 9 and back).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np

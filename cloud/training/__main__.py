@@ -49,7 +49,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = load_hyperparameters(overrides)
     paths = RunPaths.resolve(out=args.out, train=args.train, signing_key=args.signing_key)
     result = train(config, paths)
-    print(result.package)
+    sys.stdout.write(f"{result.package}\n")
     return 0
 
 
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_from_args(args)
     except (ConfigError, ValueError) as exc:
-        print(f"training: {exc}", file=sys.stderr)
+        sys.stderr.write(f"training: {exc}\n")
         return 2
 
 

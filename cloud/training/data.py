@@ -176,7 +176,9 @@ def _fields(params: PreprocessingParams) -> dict[str, Any]:
     }
 
 
-def with_thresholds(params: PreprocessingParams, thresholds: Sequence[float]) -> PreprocessingParams:
+def with_thresholds(
+    params: PreprocessingParams, thresholds: Sequence[float]
+) -> PreprocessingParams:
     """``params`` with other thresholds."""
     return PreprocessingParams(**{**_fields(params), "thresholds": tuple(thresholds)})
 

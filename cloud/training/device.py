@@ -109,7 +109,7 @@ class DevicePath:
             for tick, end in enumerate(ends):
                 arrival = time.monotonic()
                 for t in range(turbines):
-                    buffers.extend(t, raw[t, written:end], arrival=arrival)
+                    buffers.extend(t, raw[t, written:end].tolist(), arrival=arrival)
                 written = int(end)
                 sink.batches.clear()
                 report = detector.tick()

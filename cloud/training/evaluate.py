@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 from numpy.typing import NDArray
 
 from cloud.training.device import GROUPS, StreamVerdicts, device_path
 
 __all__ = ["FaultCase", "EvalConfig", "PackageEvaluation", "evaluate_package", "CASES", "SWEEPS"]
+
+log = structlog.get_logger("cloud.training.evaluate")
 
 RATE_HZ = 20.0
 TICK_S = 0.5
@@ -214,7 +217,9 @@ def evaluate_package(
         thresholds=normal.thresholds,
         normal_ticks=int(any_flag.size),
         false_positive_rate=float(any_flag.mean()),
-        false_positive_by_group={g: float(normal.flags[..., i].mean()) for i, g in enumerate(GROUPS)},
+        false_positive_by_group={
+            g: float(normal.flags[..., i].mean()) for i, g in enumerate(GROUPS)
+        },
         normal_scores=normal.scores.reshape(-1, 6),
         cases=_case_results(CASES, faulted, onset, k),
         sweeps=sweeps,
@@ -243,9 +248,7 @@ def below_half(points: Sequence[tuple[float, float]], *, increasing: bool = True
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        import sys  # noqa: PLC0415
-
-        print(f"evaluate: {message}", file=sys.stderr, flush=True)
+        log.info(message)
 
 
 def fmt_rate(rate: float) -> str:

@@ -43,8 +43,8 @@ class Autoencoder(nn.Module):
         """``<prefix>.weight``/``.bias`` -> float32 arrays, the ONNX initialiser names."""
         out: dict[str, NDArray[np.float32]] = {}
         for name, layer in zip(self.names, self.layers, strict=True):
-            assert isinstance(layer, nn.Conv2d | nn.ConvTranspose2d)
+            if not isinstance(layer, nn.Conv2d | nn.ConvTranspose2d) or layer.bias is None:
+                raise TypeError(f"{name}: expected a convolution with a bias")
             out[f"{name}.weight"] = layer.weight.detach().cpu().numpy().astype(np.float32)
-            assert layer.bias is not None
             out[f"{name}.bias"] = layer.bias.detach().cpu().numpy().astype(np.float32)
         return out

@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from cloud.autoencoder import VARIANTS, build_autoencoder_model, multiply_adds
+from cloud.training.batch import score_windows
 from cloud.training.config import ConfigError, RunPaths, TrainConfig
 from cloud.training.data import (
     features_of,
@@ -51,9 +52,9 @@ from cloud.training.data import (
 )
 from cloud.training.nets import Autoencoder
 from edgeagent.package import build_package, load_private_key
-from edgeapp.features import PreprocessingParams, score
+from edgeapp.features import PreprocessingParams
 
-__all__ = ["TrainResult", "train", "score_windows"]
+__all__ = ["TrainResult", "train"]
 
 log = structlog.get_logger("cloud.training")
 
@@ -141,7 +142,10 @@ def train(config: TrainConfig, paths: RunPaths) -> TrainResult:
             "source": source,
             "turbines": {k: len(v) for k, v in split.items()},
             "windows": {k: len(v) for k, v in windows.items()},
-            "samples_per_turbine": [len(s) for s in series][:1] if source == "simulated" else None,
+            "samples": int(sum(len(s) for s in series)),
+            "simulated_hours": (
+                round(config.turbines * config.minutes / 60, 2) if source == "simulated" else None
+            ),
         },
         "variant": {
             "layers": [list(layer) for layer in layers],
@@ -273,27 +277,6 @@ def _loss(net: Autoencoder, windows: torch.Tensor) -> float:
             batch = windows[begin : begin + 1024]
             total += float(torch.nn.functional.mse_loss(net(batch), batch)) * len(batch)
     return total / len(windows)
-
-
-def score_windows(
-    model: Path, windows: NDArray[np.float32], params: PreprocessingParams
-) -> NDArray[np.float64]:
-    """``(ticks, 6)`` device scores of ``(ticks, W, 6, side, side)`` windows, through ONNX
-    Runtime (one thread, as the agent runs a session) and ``edgeapp.features.score``."""
-    import onnxruntime as ort  # noqa: PLC0415 - heavy; only the scoring steps need it
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    scores = np.empty((len(windows), 6))
-    for begin in range(0, len(windows), 512):
-        chunk = windows[begin : begin + 512]
-        flat = np.ascontiguousarray(chunk.reshape(-1, *chunk.shape[-3:]))
-        output = session.run(None, {name: flat})[0].reshape(chunk.shape)
-        scores[begin : begin + len(chunk)] = score(chunk, output, params).scores
-    return scores
 
 
 def _golden(windows: NDArray[np.float32]) -> NDArray[np.float32]:
