@@ -92,6 +92,7 @@ class EvalConfig:
     normal_turbines: int = 40
     normal_minutes: float = 10.0
     turbines_per_case: int = 20
+    turbines_per_sweep_step: int = 10
     warmup_s: float = 40.0
     """Normal operation before every onset (the buffer fills in 25 s)."""
     observe_s: float = 45.0
@@ -130,12 +131,11 @@ class PackageEvaluation:
 
 
 def _fault_stream(
-    cases: Sequence[FaultCase], config: EvalConfig, seed: int
+    cases: Sequence[FaultCase], config: EvalConfig, seed: int, k: int
 ) -> tuple[NDArray[np.float64], int]:
-    """``(len(cases) * K, n, 7)``: K turbines per case, the fault from sample ``onset`` on."""
+    """``(len(cases) * k, n, 7)``: k turbines per case, the fault from sample ``onset`` on."""
     from simulator.generator import FarmGenerator, Fault, FaultKind  # noqa: PLC0415
 
-    k = config.turbines_per_case
     generator = FarmGenerator(len(cases) * k, seed=seed, rate_hz=RATE_HZ)
     onset = round(config.warmup_s * RATE_HZ)
     before = generator.step(onset).raw()
@@ -186,7 +186,7 @@ def evaluate_package(
 
     cfg = config or EvalConfig()
     started = time.monotonic()
-    k = cfg.turbines_per_case
+    k, k_sweep = cfg.turbines_per_case, cfg.turbines_per_sweep_step
     sweep_cases = [
         FaultCase(f"{kind} {x:g}", kind, x, group, gross=False)
         for kind, (group, intensities) in SWEEPS.items()
@@ -200,14 +200,14 @@ def evaluate_package(
         normal = device.score_stream(normal_raw)
         del normal_raw
         _say(progress, f"{package.name}: faults at the target intensities")
-        raw, onset = _fault_stream(CASES, cfg, cfg.seed + 1)
+        raw, onset = _fault_stream(CASES, cfg, cfg.seed + 1, k)
         faulted = device.score_stream(raw)
         _say(progress, f"{package.name}: intensity sweeps")
-        raw, onset_sweep = _fault_stream(sweep_cases, cfg, cfg.seed + 2)
+        raw, onset_sweep = _fault_stream(sweep_cases, cfg, cfg.seed + 2, k_sweep)
         swept = device.score_stream(raw)
         del raw
     any_flag = normal.flags.any(axis=-1)
-    sweep_results = _case_results(sweep_cases, swept, onset_sweep, k)
+    sweep_results = _case_results(sweep_cases, swept, onset_sweep, k_sweep)
     sweeps: dict[str, list[tuple[float, float]]] = {}
     for result in sweep_results:
         sweeps.setdefault(result.case.kind, []).append((result.case.intensity, result.rate))

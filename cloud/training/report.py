@@ -105,7 +105,8 @@ def write_report(
         f"{config.normal_minutes:g} min, every tick scored.",
         f"- Faults: {config.turbines_per_case} turbines per fault, {config.warmup_s:g} s of "
         f"normal operation, then the fault from a tick boundary on, observed for "
-        f"{config.observe_s:g} s. Sweeps: {config.turbines_per_case} turbines per intensity.",
+        f"{config.observe_s:g} s. Sweeps: {config.turbines_per_sweep_step} turbines per "
+        "intensity.",
         "- Detected: the fault's own group (vibration = roll/pitch/yaw, rotation = wind/rotor",
         "  speed, voltage = voltage) raised within the deadline: 2 ticks for the three",
         "  gross injections, 30 s (60 ticks) for the subtle faults. Time to detection:",

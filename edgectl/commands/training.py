@@ -37,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     evaluate.add_argument("--normal-turbines", type=int, default=None)
     evaluate.add_argument("--normal-minutes", type=float, default=None)
     evaluate.add_argument("--turbines-per-case", type=int, default=None)
+    evaluate.add_argument("--turbines-per-sweep-step", type=int, default=None)
     evaluate.add_argument("--note", type=Path, default=None, help="markdown appended as notes")
     evaluate.set_defaults(func=_evaluate)
 
@@ -72,7 +73,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("seed", "normal_turbines", "normal_minutes", "turbines_per_case")
+        for k in (
+            "seed",
+            "normal_turbines",
+            "normal_minutes",
+            "turbines_per_case",
+            "turbines_per_sweep_step",
+        )
         if getattr(args, k) is not None
     }
     config = EvalConfig(**overrides)
