@@ -28,8 +28,9 @@ train() {
   "$edgectl" train --out models --signing-key "$keys/$key_name.key" "$@"
 }
 train --version 1.0
-train --version 1.1 --turbines 32 --minutes 40 --epochs 10
-train --name wind-turbine-compact --version 1.0 --variant compact --turbines 32 --minutes 40 --epochs 10
+train --version 1.1 --turbines 32 --minutes 40 --epochs 10 --threads 1
+train --name wind-turbine-compact --version 1.0 --variant compact --turbines 32 --minutes 40 --epochs 10 \
+  --threads 1
 
 for package in models/wind-turbine-1.0.tar.gz models/wind-turbine-1.1.tar.gz \
                models/wind-turbine-compact-1.0.tar.gz; do
