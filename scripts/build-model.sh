@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains and packages the released models into models/ (docs/training.md):
 #   wind-turbine-1.0          the original topology, 24 turbines x 30 simulated minutes
-#   wind-turbine-1.1          the original topology, more data and epochs (the OTA demo's update)
+#   wind-turbine-1.1          the original topology, 32 turbines x 30 min, 10 epochs (the OTA update)
 #   wind-turbine-compact-1.0  the compact variant (9.4x fewer multiply-adds), 1.1's data
 # each signed with the DEVELOPMENT key in models/dev-keys/ (created if absent),
 # with its training record <name>-<version>.training.json beside it.
@@ -28,9 +28,9 @@ train() {
   "$edgectl" train --out models --signing-key "$keys/$key_name.key" "$@"
 }
 train --version 1.0
-train --version 1.1 --turbines 32 --minutes 40 --epochs 10 --threads 1
-train --name wind-turbine-compact --version 1.0 --variant compact --turbines 32 --minutes 40 --epochs 10 \
-  --threads 1
+train --version 1.1 --turbines 32 --minutes 30 --stride-ticks 6 --epochs 10 --threads 1
+train --name wind-turbine-compact --version 1.0 --variant compact --turbines 32 --minutes 30 \
+  --stride-ticks 6 --epochs 10 --threads 1
 
 for package in models/wind-turbine-1.0.tar.gz models/wind-turbine-1.1.tar.gz \
                models/wind-turbine-compact-1.0.tar.gz; do
