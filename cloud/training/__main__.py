@@ -32,13 +32,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, info in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind: Any = info.annotation if info.annotation in (int, float) else str
-        if name == "progress":
-            hps.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, help="progress bar"
-            )
+        if name == "progress":  # SageMaker passes "--progress False"; people type --no-progress
+            hps.add_argument(flag, dest=name, type=_boolean, metavar="BOOL", help="progress bar")
+            hps.add_argument("--no-progress", dest=name, action="store_const", const=False)
             continue
         hps.add_argument(flag, dest=name, type=kind, default=None, metavar="V",
                          help=f"(default {info.default!r})")  # fmt: skip
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

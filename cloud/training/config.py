@@ -127,7 +127,10 @@ def load_hyperparameters(
             raise ConfigError(f"{source}: not JSON ({exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a JSON object of hyperparameters")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        # SageMaker's own entries (sagemaker_program, sagemaker_region, ...) are not ours
+        values.update(
+            {k.replace("-", "_"): v for k, v in loaded.items() if not k.startswith("sagemaker_")}
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig(**values)

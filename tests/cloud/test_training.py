@@ -172,7 +172,9 @@ def test_sagemaker_script_mode_reads_its_channels_and_hyperparameters(tmp_path: 
         "SM_HPS": json.dumps({"epochs": "1", "version": "2.5", "progress": "false"}),
     }
     proc = subprocess.run(
-        [sys.executable, str(REPO / "cloud" / "training" / "entry.py"), "--seed", "3"],
+        # as SageMaker calls it: every hyperparameter also a flag, values as strings
+        [sys.executable, str(REPO / "cloud" / "training" / "entry.py"), "--seed", "3",
+         "--progress", "False"],
         check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,7 +189,16 @@ def test_sagemaker_script_mode_reads_its_channels_and_hyperparameters(tmp_path: 
 
 def test_hyperparameters_file_then_flags(tmp_path: Path) -> None:
     file = tmp_path / "hyperparameters.json"
-    file.write_text(json.dumps({"epochs": "4", "learning_rate": "0.01", "variant": "compact"}))
+    file.write_text(
+        json.dumps(
+            {
+                "epochs": "4",
+                "learning_rate": "0.01",
+                "variant": "compact",
+                "sagemaker_program": "cloud/training/entry.py",  # SageMaker's own, skipped
+            }
+        )
+    )
     config = load_hyperparameters({"epochs": 2}, environ={}, hyperparameters_file=file)
     assert (config.epochs, config.learning_rate, config.variant) == (2, 0.01, "compact")
 
