@@ -317,21 +317,26 @@ def _plot_scores(e: PackageEvaluation, path: Path) -> Path:
     for f, ax in enumerate(axes.flat):
         group = next(g for g, members in (("vibration", (0, 1, 2)), ("rotation", (3, 4)),
                                           ("voltage", (5,))) if f in members)  # fmt: skip
-        faulted = [r.fault_scores[:, f] for r in e.cases if r.case.expected == group]
-        values = [e.normal_scores[:, f], *faulted]
-        finite = np.concatenate([v[np.isfinite(v)] for v in values])
-        top = max(float(np.quantile(finite, 0.995)), e.thresholds[f] * 2.0)
+        # up to 4x the threshold; larger scores (the gross faults) pile up in the last bin
+        top = e.thresholds[f] * 4.0
         bins = np.linspace(0, top, 60)
-        ax.hist(np.clip(e.normal_scores[:, f], 0, top), bins=bins, alpha=0.6, density=True,
-                label="normal", color="C0")  # fmt: skip
-        if faulted:
-            ax.hist(np.clip(np.concatenate(faulted), 0, top), bins=bins, alpha=0.5, density=True,
-                    label=f"{group} faults", color="C3")  # fmt: skip
+        series = [("normal", e.normal_scores[:, f], "C0")]
+        for gross, name, colour in ((False, "subtle", "C1"), (True, "gross", "C3")):
+            picked = [
+                r.fault_scores[:, f]
+                for r in e.cases
+                if r.case.expected == group and r.case.gross is gross
+            ]
+            if picked:
+                series.append((f"{name} {group} faults", np.concatenate(picked), colour))
+        for name, values, colour in series:
+            finite = values[np.isfinite(values)]
+            ax.hist(np.clip(finite, 0, top), bins=bins, alpha=0.5, density=True, label=name,
+                    color=colour)  # fmt: skip
         ax.axvline(e.thresholds[f], color="black", linewidth=1)
         ax.set_yscale("log")
-        ax.set_title(FEATURES[f], fontsize=9)
-        if f == 0:
-            ax.legend(fontsize=7)
+        ax.set_title(f"{FEATURES[f]} (threshold {e.thresholds[f]:.3f})", fontsize=9)
+        ax.legend(fontsize=6)
     fig.suptitle(f"{_label(e)}: scores (mean absolute error) vs threshold", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
