@@ -293,7 +293,7 @@ def _plot_sweeps(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
 
 def _plot_confusion(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
     fig, axes = plt.subplots(
-        1, len(evaluations), figsize=(4.5 * len(evaluations), 4.8), squeeze=False
+        1, len(evaluations), figsize=(5.5 * len(evaluations), 4.8), squeeze=False
     )
     for ax, e in zip(axes[0], evaluations, strict=True):
         matrix = np.array([r.confusion for r in e.cases]) * 100
