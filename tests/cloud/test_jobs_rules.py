@@ -28,9 +28,9 @@ def test_notification_sequence(local_cloud: LocalCloud, new_thing: NewThing) -> 
     with V2Device(local_cloud, thing) as dev:
         local_cloud.jobs.create_job(a, targets=[thing], document=DOC)
         local_cloud.jobs.create_job(b, targets=[thing], document={**DOC, "n": 2})
-        notes = [_next(dev.notify), _next(dev.notify)] + _drain(dev.notify)
+        notes = [_next(dev.notify), _next(dev.notify), *_drain(dev.notify)]
         assert [[j.job_id for j in n.jobs["QUEUED"]] for n in notes] == [[a], [a, b]]
-        nexts = [_next(dev.notify_next)] + _drain(dev.notify_next, 0.1)
+        nexts = [_next(dev.notify_next), *_drain(dev.notify_next, 0.1)]
         assert [n.execution.job_id for n in nexts] == [a]
 
         assert dev.start_next().execution.job_id == a
@@ -292,7 +292,7 @@ def test_mtls_listener_refuses_clients_without_a_device_certificate(
         port=ep.mqtt_tls_port,
         client_id="no-cert",
     )
-    with pytest.raises(Exception, match="TLS|SOCKET|CLOSED|HANGUP") as err:
+    with pytest.raises(Exception, match=r"TLS|SOCKET|CLOSED|HANGUP") as err:
         conn.connect().result(10)
     assert "AWS_ERROR" in str(err.value) or "AWS_IO" in str(err.value)
 
@@ -309,7 +309,7 @@ def test_mtls_listener_refuses_clients_without_a_device_certificate(
         port=ep.mqtt_tls_port,
         client_id="stranger",
     )
-    with pytest.raises(Exception, match="TLS|SOCKET|CLOSED|HANGUP"):
+    with pytest.raises(Exception, match=r"TLS|SOCKET|CLOSED|HANGUP"):
         conn.connect().result(10)
 
 
