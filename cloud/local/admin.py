@@ -198,7 +198,8 @@ class JobsAdmin:
             with urllib.request.urlopen(request, timeout=self._timeout) as resp:  # noqa: S310
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
+            with exc:  # holds the connection's socket
+                raw = exc.read()
             error: dict[str, Any] = {}
             with contextlib.suppress(ValueError):
                 error = json.loads(raw)
