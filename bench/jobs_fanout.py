@@ -177,12 +177,18 @@ def main() -> None:
         b, nt, d = (statistics.median(x) for x in (baseline, notified, done))
         print(f"{args.devices} devices, median of {args.jobs} jobs:")
         print(f"  baseline: one plain MQTT message to each device  {b * 1000:8.1f} ms")
-        print(f"  job created -> every device notified (notify-next) {nt * 1000:8.1f} ms"
-              f"  ({nt / b:.1f}x baseline)")
-        print(f"  job created -> every execution SUCCEEDED           {d * 1000:8.1f} ms"
-              f"  ({d / b:.1f}x baseline)")
-        print(f"  per execution (start-next + update, end to end)    "
-              f"{d / args.devices * 1000:8.2f} ms")
+        print(
+            f"  job created -> every device notified (notify-next) {nt * 1000:8.1f} ms"
+            f"  ({nt / b:.1f}x baseline)"
+        )
+        print(
+            f"  job created -> every execution SUCCEEDED           {d * 1000:8.1f} ms"
+            f"  ({d / b:.1f}x baseline)"
+        )
+        print(
+            f"  per execution (start-next + update, end to end)    "
+            f"{d / args.devices * 1000:8.2f} ms"
+        )
     finally:
         publisher.loop_stop()
         publisher.disconnect()
