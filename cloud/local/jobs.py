@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlparse
 
+import structlog
+
 from cloud.local.store import Store
 
 __all__ = [
@@ -67,6 +69,8 @@ __all__ = [
     "thing_arn",
     "validate_thing_name",
 ]
+
+log = structlog.get_logger("cloud.local.jobs")
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -337,6 +341,7 @@ class JobsEngine:
                 self._jobs[job_id] = job
                 self._dirty_jobs.add(job_id)
                 self._release(job, time.time())
+            log.info("local stand-in: job created", job_id=job_id, things=len(things))
             return self._job_view(job)
 
     def describe_job(self, job_id: str) -> dict[str, Any]:
@@ -705,6 +710,13 @@ class JobsEngine:
         self._dirty_execs.add((ex.job_id, ex.thing_name))
 
     def _finish(self, ex: Execution, status: str, *, force: bool = False) -> None:
+        log.info(
+            "local stand-in: execution ended",
+            job_id=ex.job_id,
+            thing=ex.thing_name,
+            status=status,
+            details=ex.status_details,
+        )
         ex.status = status
         ex.step_deadline = ex.in_progress_deadline = None
         ex.force_canceled = force and status == "CANCELED"
@@ -714,6 +726,7 @@ class JobsEngine:
         self._check_completed(job)
 
     def _cancel(self, job: Job, *, force: bool, reason: str, comment: str | None) -> None:
+        log.info("local stand-in: job canceled", job_id=job.job_id, reason=reason, force=force)
         job.status = "CANCELED"
         job.reason_code = reason
         job.comment = comment
