@@ -159,7 +159,8 @@ def short_raw_data() -> bytes:
 
 def long_float_data() -> bytes:
     """Declares 3 floats in float_data, carries 5."""
-    tensor = helper.make_tensor("w", TensorProto.FLOAT, [3], [1.0] * 5)
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [3], [1.0] * 3)
+    tensor.float_data.extend([1.0, 1.0])
     return _add_initializer(tensor).SerializeToString()
 
 
@@ -201,7 +202,7 @@ HOSTILE_MODELS: list[Any] = [
     pytest.param(long_float_data, "5 values", id="float-data-too-long"),
     pytest.param(wrong_field, "int64_data", id="data-in-the-wrong-field"),
     pytest.param(negative_dim, "negative", id="negative-dimension"),
-    pytest.param(sparse_initializer_mismatch, "2 values", id="sparse-values-mismatch"),
+    pytest.param(sparse_initializer_mismatch, "holds 8 bytes", id="sparse-values-mismatch"),
 ]
 
 
