@@ -334,7 +334,7 @@ class AgentService:
         self._statuses.claim(capture_id)
         try:
             self._sink.put(request)
-        except ResourceExhaustedError:
+        except AgentError:  # refused (full, disk full, unrenderable): never acknowledged
             self._statuses.set(capture_id, CaptureStatus.FAILURE)
             self._count("captures_dropped")
             raise

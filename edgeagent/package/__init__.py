@@ -43,7 +43,6 @@ from edgeagent.package.extract import (
     check_free_space,
     check_package_version,
     extract_package,
-    free_bytes,
     install_package,
     verify_package_archive,
 )
@@ -75,6 +74,7 @@ from edgeagent.package.verify import (
     load_verified_package,
     verify_package_dir,
 )
+from edgecommon.fsutil import free_bytes
 
 __all__ = [
     "DEFAULT_LIMITS",

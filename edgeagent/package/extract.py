@@ -65,6 +65,7 @@ from edgeagent.package.manifest import Manifest, version_key
 from edgeagent.package.onnx_check import check_onnx_model
 from edgeagent.package.paths import MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, split_relpath
 from edgeagent.package.signing import SIGNATURE_SIZE, verify_signature
+from edgecommon.fsutil import free_bytes
 
 if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.package.signing)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -72,12 +73,6 @@ if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.pack
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def free_bytes(directory: str | os.PathLike[str]) -> int:
-    """Bytes an unprivileged writer may still use on ``directory``'s file system."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
 
 
 def check_free_space(directory: str | os.PathLike[str], needed: int) -> None:
