@@ -372,6 +372,11 @@ class CaptureSpool:
         self._records = 0  # queued + in segments
         self._bytes = 0  # queued lines + segment sizes
         self._pending = 0  # bytes queued, not yet written
+        # durable group commit: the callers a commit released, and when
+        self._released = 0
+        self._queued_at_release = 0
+        self._released_at = 0.0
+        self._commit_seconds = 0.0  # recent write + fsync time (moving average)
         self._next_ticket = 1
         self._durable_ticket = 0
         self._failed: dict[int, str] = {}  # ticket -> why its (durable) capture was not written
@@ -425,6 +430,10 @@ class CaptureSpool:
             with contextlib.suppress(OSError):  # logged; what could not be written is FAILURE
                 self._write_queued(last_attempt=True)
         self._close_open_fd()
+        if self._open is not None and not self._open.ids:  # opened ahead, never used
+            with contextlib.suppress(OSError):
+                self._open.path.unlink()
+            self._open = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -622,7 +631,9 @@ class CaptureSpool:
                 while not self._work_due():
                     self._cond.wait(self._next_wake())
                 self._writer_idle = False
-                if self._queue and not self._config.sync_ack and self._write_error is None:
+                if self._queue and self._config.sync_ack:
+                    self._gather_returning()
+                elif self._queue and self._write_error is None:
                     # group commit: let captures arriving close together share one
                     # write and one fsync (fewer wake-ups and fsyncs beside Predict)
                     deadline = time.monotonic() + self._config.commit_window
@@ -647,6 +658,29 @@ class CaptureSpool:
                     self._durable_ticket = self._next_ticket
                     self._cond.notify_all()
                 return
+
+    def _gather_returning(self) -> None:
+        """Durable group commit: let the callers the last commit released join this one.
+
+        Callers that arrived during an fsync are committed together by the next
+        one. Without this wait, the callers just released come back while that
+        next fsync runs and form a second group: two groups taking turns, each
+        paying a whole fsync. So, shortly after a commit, the writer waits for as
+        many captures as it released (plus those already queued), for at most
+        one fsync's time (capped by the commit window): a group that would
+        otherwise wait a whole fsync for its turn waits at most that long, and
+        a lone caller, or one that comes back later, does not wait at all.
+        """
+        target = self._queued_at_release + self._released
+        limit = min(self._config.commit_window, self._commit_seconds)
+        deadline = self._released_at + limit
+        while (
+            len(self._queue) < target
+            and not self._closing
+            and not self._flush_requested
+            and (left := deadline - time.monotonic()) > 0
+        ):
+            self._cond.wait(left)
 
     def _work_due(self) -> bool:
         return bool(
@@ -707,6 +741,7 @@ class CaptureSpool:
                 room = max(1, self._config.batch_size - len(segment.ids))
                 chunk = items[pos : pos + room]
                 data = b"".join(item.line for item in chunk)
+                started = time.monotonic()
                 self._append(segment, data)
             except OSError as exc:
                 self._not_written(items[pos:], exc, give_up=last_attempt)
@@ -723,10 +758,17 @@ class CaptureSpool:
                 self._retry_delay = _RETRY_MIN_S
                 self._counts["written"] = self._counts.get("written", 0) + len(chunk)
                 self._counts["commits"] = self._counts.get("commits", 0) + 1
+                now = time.monotonic()
+                self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * (now - started)
+                self._released = pos  # written in this round so far
+                self._queued_at_release = len(self._queue)
+                self._released_at = now
                 self._cond.notify_all()
             if len(segment.ids) >= self._config.batch_size:
                 try:
-                    self._seal_open()
+                    # open the next segment now when captures will need it: more
+                    # in this round, or durable callers who will be right back
+                    self._seal_open(open_next=pos < len(items) or self._config.sync_ack)
                 except OSError as exc:
                     # what is written stays in the open segment; the rest waits
                     self._not_written(items[pos:], exc, give_up=last_attempt)
@@ -801,16 +843,24 @@ class CaptureSpool:
     def _ensure_open(self) -> Segment:
         if self._open is not None:
             return self._open
-        seq = self._next_seq
-        self._next_seq += 1
-        path = self.segments_dir / segment_name(seq, None)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fsync_dir(self.segments_dir)
-        segment = Segment(seq=seq, path=path, opened_mono=time.monotonic())
+        segment, fd = self._new_segment()
+        try:
+            fsync_dir(self.segments_dir)
+        except OSError:
+            _discard_new(segment, fd)
+            raise
         with self._cond:
             self._open = segment
             self._open_fd = fd
         return segment
+
+    def _new_segment(self) -> tuple[Segment, int]:
+        """A new, empty open segment file (not yet durable: its folder needs an fsync)."""
+        seq = self._next_seq
+        self._next_seq += 1
+        path = self.segments_dir / segment_name(seq, None)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return Segment(seq=seq, path=path, opened_mono=time.monotonic()), fd
 
     def _append(self, segment: Segment, data: bytes) -> None:
         fd = self._open_fd
@@ -828,16 +878,28 @@ class CaptureSpool:
                 os.ftruncate(fd, before)
             raise
 
-    def _seal_open(self) -> None:
+    def _seal_open(self, *, open_next: bool = False) -> None:
+        """Seal the open segment; with ``open_next``, open the next one in the same step.
+
+        The next segment's file is created before the rename, so one fsync of
+        the folder makes both durable (a folder fsync costs as much as a
+        record's: captures waiting for the next commit should not pay two).
+        """
         segment = self._open
         if segment is None:
             return
         if not segment.ids:
             return
-        self._seal(segment)  # renaming an open file is fine; on failure it stays open
+        following = self._new_segment() if open_next else None
+        try:
+            self._seal(segment)  # renaming an open file is fine; on failure it stays open
+        except OSError:
+            if following is not None:
+                _discard_new(*following)
+            raise
         self._close_open_fd()
         with self._cond:
-            self._open = None
+            self._open, self._open_fd = following if following is not None else (None, None)
             self._sealed.append(segment)
             self._cond.notify_all()
         for event in self.listeners:
@@ -865,6 +927,12 @@ class CaptureSpool:
 
 
 # -- the lock ------------------------------------------------------------------------------
+def _discard_new(segment: Segment, fd: int) -> None:
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        segment.path.unlink()
+
+
 def _write_failure(exc: OSError, *, waiting: int) -> str:
     held = f"; {waiting} acknowledged captures wait for space" if waiting else ""
     if exc.errno in _NO_SPACE:
