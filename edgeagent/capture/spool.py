@@ -653,6 +653,9 @@ class CaptureSpool:
                     self._seal_open()
             except OSError as exc:  # the disk failed us: keep running, say so
                 log.error("capture spool write failed", error=str(exc))
+                if not closing:
+                    with self._cond:  # no spinning on a lasting failure; a new capture wakes us
+                        self._cond.wait(_RETRY_MIN_S)
             if closing:
                 with self._cond:
                     self._durable_ticket = self._next_ticket
@@ -724,8 +727,11 @@ class CaptureSpool:
         those, as FAILURE.
         """
         with self._cond:
-            items = list(self._queue)
-            self._queue.clear()
+            waiting = self._write_error is not None and time.monotonic() < self._retry_at
+            items: list[_Queued] = []
+            if last_attempt or not waiting:  # else: acknowledged captures wait for their retry
+                items = list(self._queue)
+                self._queue.clear()
             dropped = list(self._dropped_ids)
             self._dropped_ids.clear()
         if dropped:
