@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per round and mode")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument(
+        "--settle", type=float, default=2.0, help="idle seconds after each round (uploads)"
+    )
+    parser.add_argument(
         "--destination-parent",
         type=Path,
         default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
@@ -122,6 +125,9 @@ def main() -> None:
             order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
             for mode in order:
                 latencies, refused = hammer(sockets[mode], args.seconds)
+                # let the round's leftovers (sealing, uploads) finish before the
+                # other mode's round, so neither pays for the other's backlog
+                time.sleep(args.settle)
                 calls[mode] += len(latencies)
                 refusals[mode] += refused
                 samples[mode].extend(latencies)
