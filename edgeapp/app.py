@@ -41,6 +41,9 @@ __all__ = ["App"]
 log = structlog.get_logger("edgeapp")
 
 SOURCE_STOP_TIMEOUT_S = 1.0
+# After a stop request, how long a call to the agent may still take before it is
+# cancelled (a hung agent must not hold the daemon for agent_timeout_s).
+STOP_GRACE_S = 0.7
 
 
 class App:
@@ -52,6 +55,7 @@ class App:
         self.stop_event = threading.Event()
         self._finish_error: str | None = None
         self._finishing = False
+        self._stop_timer: threading.Timer | None = None
         self.buffers = TurbineBuffers(
             max_turbines=settings.max_turbines,
             capacity=settings.buffer_length,
@@ -129,7 +133,15 @@ class App:
         self._finishing = True
 
     def request_stop(self) -> None:
+        """Ask the loop to stop (signal handlers call it); a call to the agent still
+        running ``STOP_GRACE_S`` later is cancelled, whatever thread it is on."""
+        if self.stop_event.is_set():
+            return
         self.stop_event.set()
+        timer = threading.Timer(STOP_GRACE_S, self.follower.cancel)
+        timer.daemon = True
+        timer.start()
+        self._stop_timer = timer
 
     # ---- running
 
@@ -223,6 +235,8 @@ class App:
     def shutdown(self) -> None:
         """Stop everything in order (idempotent)."""
         self.notifier.stopping()
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
         self.source.stop(SOURCE_STOP_TIMEOUT_S)
         self.follower.close()
         self.detector.close()

@@ -17,6 +17,7 @@ gRPC's own reconnect backoff (up to two minutes) never delays the recovery.
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,8 @@ class ModelFollower:
     ) -> None:
         self._factory = client_factory
         self._client: ModelClient | None = None
+        self._client_lock = threading.Lock()  # cancel() comes from another thread
+        self._cancelled = False
         self.model_name = model_name
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
@@ -146,15 +149,27 @@ class ModelFollower:
 
     @property
     def client(self) -> ModelClient:
-        if self._client is None:
-            self._client = self._factory()
-        return self._client
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._factory()
+                if self._cancelled:
+                    self._client.close()  # every call on it fails at once
+            return self._client
 
     def close(self) -> None:
         """Close the connection (in-flight calls end with an error)."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def cancel(self) -> None:
+        """Any thread, when stopping: end the calls in flight and fail the later ones at once."""
+        with self._client_lock:
+            self._cancelled = True
+            client = self._client
+        if client is not None:
+            client.close()
 
     def refresh(self) -> ModelState:
         """Ask the agent which package it serves (unless a retry delay is running)."""
