@@ -437,6 +437,7 @@ def start_app(
         "max_turbines": turbines,
         "tick_period_s": TICK_S,
         "status_period_s": 10.0,
+        "log_level": "DEBUG",  # the per-tick lines this benchmark reads
         **overrides,
     }
     lines = ["[app]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]

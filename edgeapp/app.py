@@ -18,9 +18,11 @@ broker whole.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+import numpy as np
 import structlog
 
 from edgeagent.client import AgentClient
@@ -111,6 +113,7 @@ class App:
             retry_min_s=settings.agent_retry_min_s,
             retry_max_s=settings.agent_retry_max_s,
             buffer_length=settings.buffer_length,
+            log_interval_s=settings.agent_log_interval_s,
         )
         self.detector = Detector(
             buffers=self.buffers,
@@ -174,6 +177,7 @@ class App:
         next_status = 0.0
         deadline = time.monotonic()
         last = _Counters.of(self)
+        summary = _Summary(self, time.monotonic())
         while not self.stop_event.is_set():
             finishing = self._finishing  # read before the tick: the last data gets scored
             report = self._tick()
@@ -181,6 +185,10 @@ class App:
             counters = _Counters.of(self)
             self._log_tick(report, counters, last)
             last = counters
+            summary.add(report)
+            if now - summary.started >= self.settings.log_summary_interval_s:
+                summary.log(self, report, now)
+                summary = _Summary(self, now)
             if not ready_sent:
                 self.notifier.ready(report.label)
                 ready_sent = True
@@ -209,7 +217,9 @@ class App:
             )
 
     def _log_tick(self, report: TickReport, now: _Counters, last: _Counters) -> None:
-        log.info(
+        if not _debug_enabled():
+            return
+        log.debug(
             "tick",
             status=report.status,
             turbines=report.turbines,
@@ -279,3 +289,83 @@ class _Counters:
             app.publisher.published,
             app.publisher.unpublished,
         )
+
+
+def _debug_enabled() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+class _Summary:
+    """The ticks of one ``log_summary_interval_s``: one INFO line of counts and latencies."""
+
+    def __init__(self, app: App, started: float) -> None:
+        self.started = started
+        self.counters = _Counters.of(app)
+        self.drops = app.drops.snapshot()
+        self.overruns = app.overruns
+        self.tick_errors = app.tick_errors
+        self.ticks = 0
+        self.ready = 0
+        self.verdicts = 0
+        self.chunks = 0
+        self.discarded = 0
+        self.failed = 0
+        self.tick_ms: list[float] = []
+        self.predict_ms: list[float] = []
+        app.publisher.take_latency()  # the next interval's verdicts only
+
+    def add(self, report: TickReport) -> None:
+        self.ticks += 1
+        self.ready += report.ready
+        self.verdicts += report.verdicts
+        self.chunks += report.chunks
+        self.discarded += report.discarded
+        self.failed += report.error is not None
+        self.tick_ms.append(report.ms.get("total", 0.0))
+        if "infer" in report.ms:
+            self.predict_ms.append(report.ms["infer"])
+
+    def log(self, app: App, report: TickReport, now: float) -> None:
+        counters = _Counters.of(app)
+        drops = app.drops.snapshot()
+        dropped = {
+            k: n - self.drops.get(k, 0) for k, n in drops.items() if n > self.drops.get(k, 0)
+        }
+        latencies, latency_mean, latency_max = app.publisher.take_latency()
+        log.info(
+            "summary",
+            interval_s=round(now - self.started, 3),
+            status=report.status,
+            label=report.label,
+            turbines=report.turbines,
+            ticks=self.ticks,
+            overruns=app.overruns - self.overruns,
+            tick_errors=app.tick_errors - self.tick_errors,
+            failed_ticks=self.failed,
+            ready=self.ready,
+            chunks=self.chunks,
+            verdicts=self.verdicts,
+            discarded=self.discarded,
+            messages=counters.messages - self.counters.messages,
+            samples=counters.samples - self.counters.samples,
+            dropped=counters.dropped - self.counters.dropped,
+            dropped_by_reason=dropped or None,
+            published=counters.published - self.counters.published,
+            unpublished=counters.unpublished - self.counters.unpublished,
+            **_stats("tick_ms", self.tick_ms),
+            **_stats("predict_ms", self.predict_ms),
+            verdict_latency_ms_mean=round(latency_mean, 2) if latencies else None,
+            verdict_latency_ms_max=round(latency_max, 2) if latencies else None,
+        )
+
+
+def _stats(name: str, values: list[float]) -> dict[str, float | None]:
+    """p50, p95 and max of ``values`` (None when there are none), rounded to 0.01."""
+    if not values:
+        return {f"{name}_p50": None, f"{name}_p95": None, f"{name}_max": None}
+    p50, p95, top = np.percentile(np.asarray(values), [50, 95, 100]).tolist()
+    return {
+        f"{name}_p50": round(p50, 2),
+        f"{name}_p95": round(p95, 2),
+        f"{name}_max": round(top, 2),
+    }

@@ -10,13 +10,16 @@ package and scored by another is discarded, never published.
 No model, or no agent: the follower reports it ("Model not loaded", "Agent
 unavailable") and asks again after a delay that doubles up to a maximum; the
 buffers keep filling meanwhile, and the first successful answer resumes
-detection. A fresh gRPC channel is opened after the agent was unreachable, so
+detection. The log says why at once (the first failure too, at start), then at
+most once per ``log_interval_s`` while the failure lasts, with the count of
+failed attempts since. A fresh gRPC channel is opened after the agent was unreachable, so
 gRPC's own reconnect backoff (up to two minutes) never delays the recovery.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +134,7 @@ class ModelFollower:
         retry_min_s: float,
         retry_max_s: float,
         buffer_length: int,
+        log_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._factory = client_factory
@@ -145,6 +149,10 @@ class ModelFollower:
         self._delay = 0.0
         self._next_attempt = 0.0
         self.state = ModelState(ModelStatus.UNAVAILABLE, "Agent unavailable")
+        self._reported = False  # the initial state was never logged: the first outcome is
+        self.log_interval_s = log_interval_s
+        self._logged_at = -math.inf
+        self._failures = 0  # failed attempts since the last line about them
         self.swaps = 0
 
     @property
@@ -225,11 +233,14 @@ class ModelFollower:
             self._next_attempt = self._clock() + self._delay
         else:
             self._delay = 0.0
-        if state != self.state:
+        if state != self.state or not self._reported:
+            self._reported = True
+            self._failures = 0
+            self._logged_at = self._clock()
             event = log.info if state.status is ModelStatus.LOADED else log.warning
             model = state.model
             event(
-                "model state",
+                _EVENTS[state.status],
                 status=state.status.value,
                 label=state.label,
                 model=self.model_name,
@@ -238,5 +249,29 @@ class ModelFollower:
                 reason=str(why) if why is not None else None,
                 retry_in_s=round(self._delay, 3) if retry else None,
             )
+        elif state.status is not ModelStatus.LOADED:
+            self._failures += 1
+            now = self._clock()
+            if now - self._logged_at >= self.log_interval_s:
+                log.warning(
+                    _EVENTS[state.status],
+                    status=state.status.value,
+                    label=state.label,
+                    model=self.model_name,
+                    reason=str(why) if why is not None else None,
+                    failures=self._failures,
+                    since_s=round(now - self._logged_at, 1),
+                    retry_in_s=round(self._delay, 3),
+                )
+                self._logged_at = now
+                self._failures = 0
         self.state = state
         return state
+
+
+_EVENTS = {
+    ModelStatus.LOADED: "model state",
+    ModelStatus.NOT_LOADED: "model not loaded",
+    ModelStatus.UNAVAILABLE: "agent unavailable",
+    ModelStatus.INVALID: "model invalid",
+}

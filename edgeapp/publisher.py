@@ -141,6 +141,9 @@ class MqttPublisher:
         self._clock = clock
         self._labels: dict[str, str] = {}
         self._labels_lock = threading.Lock()
+        self._latencies = 0  # verdicts since take_latency(), their latency sum and max (ms)
+        self._latency_sum = 0.0
+        self._latency_max = 0.0
 
     @property
     def published(self) -> int:
@@ -158,8 +161,20 @@ class MqttPublisher:
         label = self.topics.label
         client.publish_many(((label(t), status_payload(text)) for t, text in labels), retain=True)
 
+    def take_latency(self) -> tuple[int, float, float]:
+        """``(verdicts, mean ms, max ms)`` of the verdicts since the last call."""
+        count, total, top = self._latencies, self._latency_sum, self._latency_max
+        self._latencies, self._latency_sum, self._latency_max = 0, 0.0, 0.0
+        return count, (total / count if count else 0.0), top
+
     def verdicts(self, batch: VerdictBatch) -> None:
-        payloads = verdict_payloads(batch, self._clock())
+        now = self._clock()
+        payloads = verdict_payloads(batch, now)
+        if len(batch.arrival):
+            latency = (now - batch.arrival) * 1000.0
+            self._latencies += len(latency)
+            self._latency_sum += float(latency.sum())
+            self._latency_max = max(self._latency_max, float(latency.max()))
         anomalies = self.topics.anomalies
         self.client.publish_many(zip(map(anomalies, batch.turbines), payloads, strict=True))
 

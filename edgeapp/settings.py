@@ -48,6 +48,14 @@ class AppSettings(EnvOverFileSettings):
     agent_retry_max_s: float = Field(
         5.0, gt=0, description="Longest retry delay (the delay doubles up to this)."
     )
+    agent_log_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "The agent unreachable or without the model: said at once with the reason, "
+            "then at most once per interval while it lasts."
+        ),
+    )
 
     # -- where samples come from -------------------------------------------------------
     source: Literal["mqtt", "replay"] = Field(
@@ -160,6 +168,13 @@ class AppSettings(EnvOverFileSettings):
     )
     status_period_s: float = Field(
         10.0, gt=0, description="How often a STATUS= line (counters) goes to systemd."
+    )
+    log_summary_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "One INFO summary line per interval (counts, latencies); per-tick lines at DEBUG."
+        ),
     )
     log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
 

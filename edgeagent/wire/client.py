@@ -51,7 +51,7 @@ class _Connection:
             sock.connect(str(path))
         except OSError as exc:
             sock.close()
-            raise CallError(Status.UNAVAILABLE, f"no agent answering on {path}: {exc}") from None
+            raise CallError(Status.UNAVAILABLE, _unreachable(path, exc)) from None
         # blocking mode with kernel timeouts: a timed-out recv/send fails with EAGAIN.
         # (Python's own timeout mode adds a poll() before every recv and send.)
         sock.settimeout(None)
@@ -294,6 +294,19 @@ class _Connection:
             self._send(h2.rst_stream(sid, ErrorCode.CANCEL))
         except (_BrokenError, TimeoutError):
             self.close()
+
+
+def _unreachable(path: Path, exc: OSError) -> str:
+    """Why nothing answers on ``path``, in the words an operator acts on."""
+    if isinstance(exc, FileNotFoundError):
+        why = "the socket does not exist (is edge-agent running? is the path right?)"
+    elif isinstance(exc, ConnectionRefusedError):
+        why = "nothing listens on the socket (edge-agent stopped?)"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied (is this user in the agent's group?)"
+    else:
+        why = str(exc)
+    return f"no agent answering on {path}: {why}"
 
 
 def _cancelled() -> CallError:

@@ -35,3 +35,55 @@ def test_sigterm_while_the_agent_hangs_ends_within_2_s(
     assert code == 0
     assert took < 2.2, took
     assert app.events("edge-app stopped")
+
+
+def test_a_missing_agent_socket_is_reported_with_its_reason_then_rate_limited(
+    app_stack: Stack, start_app: StartApp
+) -> None:
+    missing = app_stack.base / "no-agent.sock"
+    app, _notify = start_app(
+        agent_socket=str(missing),
+        agent_retry_min_s=0.1,
+        agent_retry_max_s=0.2,
+        agent_log_interval_s=1.0,
+    )
+    first = app.wait_event("agent unavailable", timeout=10)
+    assert str(missing) in first["reason"]
+    assert "does not exist" in first["reason"]
+    started = time.monotonic()
+    time.sleep(3.2)
+    reports = app.events("agent unavailable")
+    # ~16 attempts in 3.2 s, but at most one line per second after the first
+    assert 3 <= len(reports) <= 5, reports
+    assert sum(r["failures"] for r in reports[1:]) >= 8
+    assert time.monotonic() - started < 5
+
+
+def test_one_summary_line_per_interval_and_tick_detail_only_at_debug(
+    start_app: StartApp, listener: Listener, sensors: Sensors
+) -> None:
+    app, _notify = start_app(log_summary_interval_s=1.0)
+    debug_app, _ = start_app(log_level="DEBUG", mqtt_client_id="edge-app-dbg")
+    turbines = ["y1", "y2"]
+    sensors.prefill(turbines)
+    sensors.stream(turbines)
+    listener.wait_for("anomalies", turbine="y2", count=2)
+    time.sleep(3.5)
+    assert not app.events("tick")
+    summaries = app.events("summary")
+    assert 3 <= len(summaries) <= 6, len(summaries)
+    last = summaries[-1]
+    assert last["level"] == "info"
+    assert last["interval_s"] == 1.0 or 0.8 < last["interval_s"] < 1.5
+    assert 3 <= last["ticks"] <= 5  # tick_period_s 0.25
+    assert last["verdicts"] >= 4 and last["turbines"] == 2
+    assert last["messages"] >= 30 and last["samples"] >= 30
+    assert last["published"] >= last["verdicts"]
+    for key in ("tick_ms_p50", "tick_ms_max", "predict_ms_p50", "predict_ms_max",
+                "verdict_latency_ms_max"):  # fmt: skip
+        assert isinstance(last[key], float) and last[key] >= 0.0, key
+    assert last["tick_ms_p50"] <= last["tick_ms_max"]
+    # the default interval is a minute: the debug app has not summarised yet, but
+    # logs every tick
+    ticks = debug_app.events("tick")
+    assert len(ticks) >= 10 and all(t["level"] == "debug" for t in ticks)

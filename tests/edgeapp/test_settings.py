@@ -80,3 +80,26 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "app.toml"
     s = load_settings(example)
     assert s == AppSettings()  # the example documents the defaults
+
+
+def test_the_example_config_documents_every_setting() -> None:
+    """Each setting appears in config/app.toml as ``key = ...`` (or commented out), under a
+    comment, and nothing there is unknown."""
+    import re
+
+    example = Path(__file__).resolve().parents[2] / "config" / "app.toml"
+    lines = example.read_text(encoding="utf-8").splitlines()
+    keys: dict[str, int] = {}
+    for number, line in enumerate(lines):
+        match = re.match(r"^#? ?([a-z_]+) = ", line)
+        if match:
+            keys.setdefault(match.group(1), number)
+    missing = set(AppSettings.model_fields) - set(keys)
+    assert not missing, f"config/app.toml lacks {sorted(missing)}"
+    unknown = set(keys) - set(AppSettings.model_fields)
+    assert not unknown, f"config/app.toml has unknown keys {sorted(unknown)}"
+    for key, number in keys.items():  # a key, or a group of keys, follows its comment
+        above = number - 1
+        while above >= 0 and re.match(r"^[a-z_]+ = ", lines[above]):
+            above -= 1
+        assert above >= 0 and lines[above].startswith("#"), f"{key} has no comment above it"
