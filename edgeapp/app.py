@@ -28,7 +28,7 @@ import structlog
 from edgeagent.client import AgentClient
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, TickReport
-from edgeapp.ingest import DropCounter, Ingestor
+from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.model_follower import ModelClient, ModelFollower
 from edgeapp.mqtt import BrokerConfig, MqttClient
 from edgeapp.mqtt_source import MqttSource
@@ -206,6 +206,7 @@ class App:
             self.stop_event.wait(max(0.0, deadline - time.monotonic()))
 
     def _tick(self) -> TickReport:
+        self._evict_silent()
         try:
             return self.detector.tick(self.stop_event)
         except Exception as exc:  # a bug in a tick must not end the daemon: log it, go on
@@ -214,6 +215,19 @@ class App:
             state = self.follower.state
             return TickReport(
                 status=state.status.value, label=state.label, error=f"{type(exc).__name__}: {exc}"
+            )
+
+    def _evict_silent(self) -> None:
+        """Free the slots of learned turbines silent for ``turbine_evict_s``."""
+        evicted = self.buffers.evict_idle(time.monotonic(), self.settings.turbine_evict_s)
+        if evicted:
+            self.publisher.forget(evicted)
+            log.info(
+                "turbines evicted",
+                count=len(evicted),
+                examples=evicted[:5],
+                silent_s=self.settings.turbine_evict_s,
+                turbines=len(self.buffers),
             )
 
     def _log_tick(self, report: TickReport, now: _Counters, last: _Counters) -> None:
@@ -260,6 +274,7 @@ class App:
             samples=self.ingestor.samples,
             dropped=self.drops.snapshot(),
             published=self.publisher.published,
+            evicted=self.buffers.evicted,
             overruns=self.overruns,
             tick_errors=self.tick_errors,
         )
@@ -291,6 +306,12 @@ class _Counters:
         )
 
 
+# drop reasons that refuse a turbine (rather than a message's content)
+_REFUSALS = frozenset(
+    (DropReason.BAD_TOPIC, DropReason.UNKNOWN_TURBINE, DropReason.TOO_MANY_TURBINES)
+)
+
+
 def _debug_enabled() -> bool:
     return logging.getLogger().isEnabledFor(logging.DEBUG)
 
@@ -304,6 +325,7 @@ class _Summary:
         self.drops = app.drops.snapshot()
         self.overruns = app.overruns
         self.tick_errors = app.tick_errors
+        self.evicted = app.buffers.evicted
         self.ticks = 0
         self.ready = 0
         self.verdicts = 0
@@ -350,6 +372,8 @@ class _Summary:
             samples=counters.samples - self.counters.samples,
             dropped=counters.dropped - self.counters.dropped,
             dropped_by_reason=dropped or None,
+            refused={k: n for k, n in dropped.items() if k in _REFUSALS} or None,
+            evicted=app.buffers.evicted - self.evicted,
             published=counters.published - self.counters.published,
             unpublished=counters.unpublished - self.counters.unpublished,
             **_stats("tick_ms", self.tick_ms),

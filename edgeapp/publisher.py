@@ -161,6 +161,14 @@ class MqttPublisher:
         label = self.topics.label
         client.publish_many(((label(t), status_payload(text)) for t, text in labels), retain=True)
 
+    def forget(self, turbines: Sequence[str]) -> None:
+        """Turbines gone (evicted): clear their retained label, stop re-sending it."""
+        with self._labels_lock:
+            for turbine in turbines:
+                self._labels.pop(turbine, None)
+        label = self.topics.label
+        self.client.publish_many(((label(t), b"") for t in turbines), retain=True)
+
     def take_latency(self) -> tuple[int, float, float]:
         """``(verdicts, mean ms, max ms)`` of the verdicts since the last call."""
         count, total, top = self._latencies, self._latency_sum, self._latency_max

@@ -115,6 +115,14 @@ class AppSettings(EnvOverFileSettings):
         le=100_000,
         description="Samples kept per turbine; at least the model's preprocessing buffer.",
     )
+    turbine_evict_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "A learned turbine silent for longer gives its slot back (junk ids cannot fill "
+            "the table for good); fixed turbines keep theirs."
+        ),
+    )
     gap_reset_s: float = Field(
         10.0,
         gt=0,
