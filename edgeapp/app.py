@@ -28,9 +28,10 @@ import structlog
 from edgeagent.client import AgentClient
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, TickReport
+from edgeapp.errors import ConfigError
 from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.model_follower import ModelClient, ModelFollower
-from edgeapp.mqtt import BrokerConfig, MqttClient
+from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context
 from edgeapp.mqtt_source import MqttSource
 from edgeapp.publisher import MqttPublisher, Topics
 from edgeapp.replay import ReplaySource
@@ -74,20 +75,18 @@ class App:
             max_abs_quaternion=settings.max_abs_quaternion,
             max_abs_value=settings.max_abs_value,
         )
-        broker = BrokerConfig(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            keepalive_s=settings.mqtt_keepalive_s,
-            reconnect_min_s=settings.mqtt_reconnect_min_s,
-            reconnect_max_s=settings.mqtt_reconnect_max_s,
-        )
+        broker = _broker_config(settings)
         self.publisher_client = MqttClient(
-            broker=broker, client_id=f"{settings.mqtt_client_id}-pub"
+            broker=broker,
+            client_id=f"{settings.mqtt_client_id}-pub",
+            status_topic=settings.mqtt_status_topic or None,
+            max_queued=settings.mqtt_max_queued,
         )
         self.publisher = MqttPublisher(
             client=self.publisher_client,
             topics=Topics(settings.topic_prefix),
             dashboard_samples=settings.dashboard_samples,
+            verdict_qos=settings.mqtt_verdict_qos,
         )
         self.publisher_client.on_connected(self.publisher.on_connected)
         self.source: Source
@@ -159,6 +158,9 @@ class App:
             model=settings.model_name,
             agent_socket=str(settings.agent_socket),
             broker=f"{settings.mqtt_host}:{settings.mqtt_port}",
+            tls=settings.mqtt_tls,
+            mqtt_user=settings.mqtt_username,
+            verdict_qos=settings.mqtt_verdict_qos,
             topic=settings.mqtt_topic if settings.source == "mqtt" else None,
             replay_file=str(settings.replay_file) if settings.source == "replay" else None,
             max_turbines=settings.max_turbines,
@@ -281,6 +283,29 @@ class App:
         self.notifier.close()
 
 
+def _broker_config(settings: AppSettings) -> BrokerConfig:
+    """The broker's address, TLS and credentials; ConfigError when a TLS file is unusable."""
+    tls = None
+    if settings.mqtt_tls:
+        try:
+            tls = tls_context(
+                settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid app configuration: {exc}") from exc
+    password = settings.mqtt_password
+    return BrokerConfig(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        keepalive_s=settings.mqtt_keepalive_s,
+        reconnect_min_s=settings.mqtt_reconnect_min_s,
+        reconnect_max_s=settings.mqtt_reconnect_max_s,
+        tls=tls,
+        username=settings.mqtt_username,
+        password=password.get_secret_value() if password is not None else None,
+    )
+
+
 class _Counters:
     """Cumulative counters, for per-tick differences in the tick log line."""
 
@@ -376,6 +401,7 @@ class _Summary:
             evicted=app.buffers.evicted - self.evicted,
             published=counters.published - self.counters.published,
             unpublished=counters.unpublished - self.counters.unpublished,
+            queued=app.publisher.queued or None,
             **_stats("tick_ms", self.tick_ms),
             **_stats("predict_ms", self.predict_ms),
             verdict_latency_ms_mean=round(latency_mean, 2) if latencies else None,

@@ -123,8 +123,11 @@ def dashboard_payloads(
 class MqttPublisher:
     """The ``VerdictSink`` of the daemon: publishes on the device's local broker.
 
-    Each call writes its messages with one ``publish_many`` (one socket write);
-    while the broker is away they are dropped and counted (QoS 0).
+    Each call writes its messages with one ``publish_many`` (one socket write).
+    Verdicts go at ``verdict_qos``: at 1 they wait in the client's bounded queue
+    while the broker is away; labels and dashboard figures go at QoS 0 and are
+    dropped (and counted) meanwhile: labels are sent again on reconnection, and
+    dashboard figures are superseded within a second.
     """
 
     def __init__(
@@ -133,9 +136,11 @@ class MqttPublisher:
         client: MqttClient,
         topics: Topics,
         dashboard_samples: int = 100,
+        verdict_qos: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
+        self.verdict_qos = verdict_qos
         self.topics = topics
         self.dashboard_samples = dashboard_samples
         self._clock = clock
@@ -151,8 +156,14 @@ class MqttPublisher:
 
     @property
     def unpublished(self) -> int:
-        """Messages not sent because the broker was unreachable at the time."""
-        return self.client.unsent
+        """Messages lost: QoS 0 ones sent while the broker was unreachable, QoS 1 ones
+        dropped from a full queue."""
+        return self.client.unsent + self.client.overflowed
+
+    @property
+    def queued(self) -> int:
+        """QoS 1 verdicts not acknowledged by the broker yet."""
+        return self.client.queued
 
     def on_connected(self, client: MqttClient) -> None:
         """After a (re)connection: the labels again (the broker may have restarted)."""
@@ -184,7 +195,9 @@ class MqttPublisher:
             self._latency_sum += float(latency.sum())
             self._latency_max = max(self._latency_max, float(latency.max()))
         anomalies = self.topics.anomalies
-        self.client.publish_many(zip(map(anomalies, batch.turbines), payloads, strict=True))
+        self.client.publish_many(
+            zip(map(anomalies, batch.turbines), payloads, strict=True), qos=self.verdict_qos
+        )
 
     def status(self, turbines: Sequence[str], label: str) -> None:
         payload = status_payload(label)

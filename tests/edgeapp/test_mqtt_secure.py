@@ -1,0 +1,245 @@
+"""edgeapp.mqtt against a site broker: TLS with a client certificate, a password file,
+the will / online status topic, and QoS 1 verdicts kept while the broker is away.
+
+The broker is a real mosquitto with certificates generated here (``cryptography``)
+and a password file made by ``mosquitto_passwd``; paho-mqtt is the other party.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from edgeapp_harness import Mosquitto, short_dir, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context
+from tests.harness import Pki, make_pki
+
+USER, PASSWORD = "edge-app", "s3cret pass"
+STATUS = "edge-app/status"
+
+
+class SecureMosquitto(Mosquitto):
+    """A mosquitto that wants TLS, a client certificate, and a user name and password."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.pki = make_pki(base)
+        passwords = base / "passwords"
+        subprocess.run(
+            [shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", "-c",
+             str(passwords), USER, PASSWORD],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        passwords.chmod(0o600)
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous false\n"
+            f"password_file {passwords}\n"
+            f"cafile {self.pki.ca}\n"
+            f"certfile {self.pki.server_cert}\n"
+            f"keyfile {self.pki.server_key}\n"
+            "require_certificate true\n"
+            "persistence false\n"
+            # run as root (as the tests may), mosquitto would read the password file as
+            # the user "mosquitto", which cannot enter this private folder
+            "user root\n"
+        )
+
+
+@pytest.fixture
+def secure_broker() -> Iterator[SecureMosquitto]:
+    base = short_dir()
+    broker = SecureMosquitto(base)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def config(broker: SecureMosquitto, **kw: Any) -> BrokerConfig:
+    pki = broker.pki
+    options: dict[str, Any] = {
+        "tls": tls_context(pki.ca, pki.client_cert, pki.client_key),
+        "username": USER,
+        "password": PASSWORD,
+        "reconnect_min_s": 1,
+        "reconnect_max_s": 2,
+        "keepalive_s": 5,
+    }
+    options.update(kw)
+    return BrokerConfig(host="127.0.0.1", port=broker.port, **options)
+
+
+class Peer:
+    """paho-mqtt over TLS with the same credentials, subscribed to ``topics``."""
+
+    def __init__(self, port: int, pki: Pki, topics: list[str]) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"peer-{time.monotonic_ns()}")
+        client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert),
+                       keyfile=str(pki.client_key))  # fmt: skip
+        client.username_pw_set(USER, PASSWORD)
+        client.on_connect = lambda c, *_a: c.subscribe([(t, 1) for t in topics])
+        client.on_subscribe = lambda *_a: self.subscribed.set()
+        client.on_message = self._on_message
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        self.client = client
+        if not self.subscribed.wait(10):
+            raise AssertionError("paho peer did not subscribe")
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+    def payloads(self, topic: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _r in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_tls_client_certificate_and_password(secure_broker: SecureMosquitto) -> None:
+    peer = Peer(secure_broker.port, secure_broker.pki, ["sensors/#"])
+    received: list[bytes] = []
+    sub = MqttClient(
+        broker=config(secure_broker),
+        client_id="sec-sub",
+        subscription="sensors/+/raw",
+        qos=1,
+        on_message=lambda _t, p, _a: received.append(bytes(p)),
+    )
+    pub = MqttClient(broker=config(secure_broker), client_id="sec-pub")
+    sub.start()
+    pub.start()
+    try:
+        assert sub.wait_subscribed(10) and pub.wait_connected(10)
+        # both directions, many messages, through TLS records of every size
+        for i in range(200):
+            peer.client.publish(f"sensors/t{i % 3}/raw", b"x" * (i * 97), qos=1)
+        wait_until(lambda: len(received) == 200, 10, what="200 messages over TLS")
+        assert [len(p) for p in received] == [i * 97 for i in range(200)]
+        assert pub.publish_many([(f"sensors/t1/raw", b"%d" % i) for i in range(50)], qos=1) == 50
+        wait_until(lambda: len(peer.payloads("sensors/t1/raw")) >= 50 + 67, 10, what="peer")
+        wait_until(lambda: pub.queued == 0, 5, what="PUBACKs")
+        assert pub.acked == 50
+    finally:
+        sub.stop()
+        pub.stop()
+        peer.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"password": "wrong"}, "not authorised"),
+        ({"username": None, "password": None}, "not authorised"),
+        ({"tls": "other-ca"}, "CERTIFICATE_VERIFY_FAILED"),
+        ({"tls": "no-client-cert"}, "certificate required"),
+    ],
+)
+def test_refusals_are_reported_and_retried(
+    secure_broker: SecureMosquitto, tmp_path: Path, change: dict[str, Any], expected: str
+) -> None:
+    from structlog.testing import capture_logs
+
+    if change.get("tls") == "other-ca":
+        change = {"tls": tls_context(make_pki(tmp_path).ca)}
+    elif change.get("tls") == "no-client-cert":
+        change = {"tls": tls_context(secure_broker.pki.ca)}
+    client = MqttClient(broker=config(secure_broker, **change), client_id="refused")
+    with capture_logs() as logs:
+        client.start()
+        try:
+            wait_until(
+                lambda: sum(e["event"] == "cannot connect to the broker" for e in logs) >= 2,
+                10,
+                what="two refused attempts",
+            )
+            assert not client.connected and client.alive()
+        finally:
+            client.stop()
+    errors = [e["error"] for e in logs if e["event"] == "cannot connect to the broker"]
+    assert all(expected in error for error in errors), errors
+
+
+def test_tls_files_that_cannot_be_used_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "absent-ca.pem"
+    with pytest.raises(ValueError, match="absent-ca.pem"):
+        tls_context(missing)
+    pki = make_pki(tmp_path)
+    with pytest.raises(ValueError, match="client certificate"):
+        tls_context(pki.ca, pki.client_cert, pki.server_key)  # key of another certificate
+
+
+def test_status_topic_online_will_and_clean_offline(secure_broker: SecureMosquitto) -> None:
+    peer = Peer(secure_broker.port, secure_broker.pki, [STATUS])
+    client = MqttClient(broker=config(secure_broker), client_id="status-a", status_topic=STATUS)
+    client.start()
+    try:
+        wait_until(lambda: peer.payloads(STATUS) == [b"online"], 10, what="online")
+        # the connection dies without DISCONNECT: the broker sends the will
+        sock = client._sock  # noqa: SLF001 - cutting the wire under the client
+        assert sock is not None
+        sock.shutdown(2)
+        wait_until(lambda: b"offline" in peer.payloads(STATUS), 10, what="the will")
+        # it reconnects and says so again
+        wait_until(lambda: peer.payloads(STATUS)[-1:] == [b"online"], 10, what="online again")
+    finally:
+        client.stop()
+    wait_until(lambda: peer.payloads(STATUS)[-1:] == [b"offline"], 5, what="offline at stop")
+    peer.close()
+    # retained: a dashboard that connects later learns the state
+    late = Peer(secure_broker.port, secure_broker.pki, [STATUS])
+    try:
+        wait_until(lambda: late.payloads(STATUS) == [b"offline"], 5, what="retained status")
+        assert late.messages[0][2] is True
+    finally:
+        late.close()
+
+
+def test_qos1_messages_wait_for_the_broker_bounded_and_in_order(
+    secure_broker: SecureMosquitto,
+) -> None:
+    client = MqttClient(
+        broker=config(secure_broker, reconnect_min_s=2, reconnect_max_s=2),
+        client_id="queue",
+        max_queued=30,
+    )
+    client.start()
+    try:
+        assert client.wait_connected(10)
+        secure_broker.stop()
+        wait_until(lambda: not client.connected, 5, what="the client to notice")
+        for i in range(50):  # 20 more than the queue holds
+            client.publish("out/verdicts", b"%d" % i, qos=1)
+        assert client.queued == 30 and client.overflowed == 20
+        assert client.publish("out/dashboard", b"qos0") is False  # QoS 0: dropped, counted
+        secure_broker.start()
+        peer = Peer(secure_broker.port, secure_broker.pki, ["out/#"])
+        try:
+            wait_until(lambda: len(peer.payloads("out/verdicts")) >= 30, 15, what="the queue")
+            time.sleep(0.3)
+            assert peer.payloads("out/verdicts") == [b"%d" % i for i in range(20, 50)]
+            wait_until(lambda: client.queued == 0, 5, what="PUBACKs")
+        finally:
+            peer.close()
+    finally:
+        client.stop()
+    assert client.unsent == 1
