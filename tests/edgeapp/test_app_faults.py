@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-from edgeapp_harness import Listener, Sensors, Stack, StartApp
+from edgeapp_harness import Listener, Sensors, Stack, StartApp, wait_until
 
 
 def test_sigterm_while_the_agent_hangs_ends_within_2_s(
@@ -87,3 +87,26 @@ def test_one_summary_line_per_interval_and_tick_detail_only_at_debug(
     # logs every tick
     ticks = debug_app.events("tick")
     assert len(ticks) >= 10 and all(t["level"] == "debug" for t in ticks)
+
+
+def test_two_daemons_with_one_client_id_are_named_as_the_likely_cause(
+    start_app: StartApp,
+) -> None:
+    first, _ = start_app(mqtt_client_id="twin", mqtt_reconnect_min_s=1, mqtt_reconnect_max_s=1)
+    second, _ = start_app(
+        wait=False, mqtt_client_id="twin", mqtt_reconnect_min_s=1, mqtt_reconnect_max_s=1
+    )
+
+    def named() -> list[dict[str, object]]:
+        return [
+            e
+            for app in (first, second)
+            for e in app.events("another MQTT client is probably using this client id")
+        ]
+
+    wait_until(named, 15, what="the likely cause in a log")
+    event = named()[0]
+    assert event["level"] == "error"
+    assert "same client id" in str(event["likely_cause"])
+    assert "mqtt_client_id" in str(event["likely_cause"])
+    assert str(event["client"]).startswith("twin-")

@@ -7,6 +7,7 @@ and a password file made by ``mosquitto_passwd``; paho-mqtt is the other party.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from edgeapp_harness import Mosquitto, short_dir, wait_until
+from edgeapp_harness import App, Mosquitto, Stack, short_dir, synthetic_samples, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context
@@ -242,3 +243,54 @@ def test_qos1_messages_wait_for_the_broker_bounded_and_in_order(
     finally:
         client.stop()
     assert client.unsent == 1
+
+
+def test_the_daemon_through_tls_and_a_password(
+    app_stack: Stack, secure_broker: SecureMosquitto
+) -> None:
+    pki = secure_broker.pki
+    peer = Peer(secure_broker.port, pki, ["wind-turbine/+/anomalies", STATUS])
+    app = App(
+        app_stack.base,
+        app_stack.app_config(
+            mqtt_port=secure_broker.port,
+            mqtt_tls=True,
+            mqtt_ca_file=str(pki.ca),
+            mqtt_cert_file=str(pki.client_cert),
+            mqtt_key_file=str(pki.client_key),
+            mqtt_username=USER,
+            mqtt_client_id="edge-app-tls",
+        ),
+        env={"WINDEDGE_APP_MQTT_PASSWORD": PASSWORD},
+        name="app-tls",
+    )
+    try:
+        app.wait_event("subscribed")
+        wait_until(lambda: peer.payloads(STATUS)[-1:] == [b"online"], 10, what="online")
+        for begin in range(0, 500, 100):
+            body = json.dumps({"samples": synthetic_samples(500, seed=3)[begin : begin + 100]})
+            peer.client.publish("wind-turbine/tls1/raw-data", body, qos=1).wait_for_publish(5)
+        wait_until(
+            lambda: peer.payloads("wind-turbine/tls1/anomalies"), 20, what="a verdict over TLS"
+        )
+        verdict = json.loads(peer.payloads("wind-turbine/tls1/anomalies")[0])
+        assert verdict["model"] == "wind-turbine" and len(verdict["scores"]) == 6
+        started = app.events("edge-app started")[0]
+        assert started["tls"] is True and "password" not in json.dumps(started)
+        assert PASSWORD not in app.proc.output()
+        assert app.proc.stop(10) == 0
+        wait_until(lambda: peer.payloads(STATUS)[-1:] == [b"offline"], 5, what="offline")
+    finally:
+        if app.proc.alive():
+            app.proc.kill()
+        peer.close()
+
+
+def test_an_unusable_tls_file_stops_the_daemon_with_exit_2(app_stack: Stack) -> None:
+    app = App(
+        app_stack.base,
+        app_stack.app_config(mqtt_tls=True, mqtt_ca_file=str(app_stack.base / "absent.pem")),
+        name="app-badtls",
+    )
+    assert app.proc.proc.wait(30) == 2
+    assert "absent.pem" in app.proc.output()
