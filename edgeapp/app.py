@@ -276,6 +276,8 @@ class App:
             samples=self.ingestor.samples,
             dropped=self.drops.snapshot(),
             published=self.publisher.published,
+            unpublished=self.publisher.unpublished,
+            unacknowledged=self.publisher.queued,
             evicted=self.buffers.evicted,
             overruns=self.overruns,
             tick_errors=self.tick_errors,

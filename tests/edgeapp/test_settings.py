@@ -58,6 +58,14 @@ def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ("no_such_key = 1", "no_such_key"),
         ("max_turbines = 1\nturbines = ['a', 'b']", "max_turbines"),
         ("log_level = 'LOUD'", "log_level"),
+        ("mqtt_ca_file = '/x/ca.pem'", "mqtt_tls = true"),
+        ("mqtt_tls = true\nmqtt_key_file = '/x/k.pem'", "mqtt_key_file needs mqtt_cert_file"),
+        ("mqtt_password = 'p'", "mqtt_password needs mqtt_username"),
+        ("mqtt_status_topic = 'a/#'", "mqtt_status_topic"),
+        ("mqtt_verdict_qos = 2", "mqtt_verdict_qos"),
+        ("mqtt_max_queued = 0", "mqtt_max_queued"),
+        ("turbine_evict_s = 0", "turbine_evict_s"),
+        ("log_summary_interval_s = -1", "log_summary_interval_s"),
     ],
 )
 def test_invalid_configuration_says_where(tmp_path: Path, text: str, where: str) -> None:
@@ -103,3 +111,11 @@ def test_the_example_config_documents_every_setting() -> None:
         while above >= 0 and re.match(r"^[a-z_]+ = ", lines[above]):
             above -= 1
         assert above >= 0 and lines[above].startswith("#"), f"{key} has no comment above it"
+
+
+def test_the_password_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WINDEDGE_APP_MQTT_PASSWORD", "hunter2")
+    s = AppSettings(mqtt_username="u")
+    assert s.mqtt_password is not None
+    assert s.mqtt_password.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
