@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.farm_scale import MOSQUITTO, Child, _varint, mqtt_connect, sample_pool  # noqa: E402
 from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context  # noqa: E402
-from tests.harness import make_pki  # noqa: E402
+from tests.tls import make_pki  # noqa: E402
 
 RATE_HZ = 20.0
 TICK_S = 0.5
@@ -125,7 +125,9 @@ def run_receiver(port: int, impl: str, out: Path, certs: Path | None) -> None:
     out.write_text(json.dumps({"messages": state["messages"], "cpu_s": cpu}))
 
 
-def run_publisher(port: int, impl: str, qos: int, turbines: int, seconds: float, out: Path) -> None:
+def run_publisher(
+    port: int, impl: str, qos: int, *, turbines: int, seconds: float, out: Path
+) -> None:
     """Publish one verdict per turbine per tick for ``seconds``; write the CPU seconds."""
     topics = [f"bench-out/t{i:05d}/anomalies" for i in range(turbines)]
     ticks = int(seconds / TICK_S)
@@ -197,18 +199,21 @@ def main() -> None:
         run_receiver(args.port, args.impl, args.out, args.certs)
         return
     if args.role == "publisher":
-        run_publisher(args.port, args.impl, args.qos, args.turbines, args.seconds, args.out)
+        run_publisher(
+            args.port, args.impl, args.qos, turbines=args.turbines, seconds=args.seconds,
+            out=args.out,
+        )  # fmt: skip
         return
 
     n, seconds = args.turbines, args.seconds
     with tempfile.TemporaryDirectory(prefix="windedge-mqtt-") as name:
         tmp = Path(name)
-        pki = make_pki(tmp)
+        pki = make_pki(tmp, servers=("server",), clients=("device",))
         plain, secure = free_port(), free_port()
         (tmp / "mosquitto.conf").write_text(
             f"listener {plain} 127.0.0.1\nallow_anonymous true\n"
-            f"listener {secure} 127.0.0.1\ncafile {pki.ca}\ncertfile {pki.server_cert}\n"
-            f"keyfile {pki.server_key}\nrequire_certificate true\n"
+            f"listener {secure} 127.0.0.1\ncafile {pki.ca}\ncertfile {pki.crt('server')}\n"
+            f"keyfile {pki.key('server')}\nrequire_certificate true\n"
             "persistence false\nuser root\n"
         )
         broker = Child([MOSQUITTO, "-c", str(tmp / "mosquitto.conf")], tmp / "mosquitto.log")
@@ -258,9 +263,10 @@ def main() -> None:
                 stats = json.loads(out.read_text())
                 cores = stats["cpu_s"] / seconds
                 base = base or cores
+                us = stats["cpu_s"] / stats["messages"] * 1e6
                 print(
                     f"  {impl:8s} QoS {qos}  {cores:5.3f} cores, "
-                    f"{stats['cpu_s'] / stats['messages'] * 1e6:5.1f} us/verdict, x{cores / base:.2f}"
+                    f"{us:5.1f} us/verdict, x{cores / base:.2f}"
                 )
         finally:
             broker.stop()

@@ -22,7 +22,7 @@ from edgeapp_harness import App, Mosquitto, Stack, short_dir, synthetic_samples,
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context
-from tests.harness import Pki, make_pki
+from tests.tls import Pki, make_pki
 
 USER, PASSWORD = "edge-app", "s3cret pass"
 STATUS = "edge-app/status"
@@ -33,7 +33,7 @@ class SecureMosquitto(Mosquitto):
 
     def __init__(self, base: Path) -> None:
         super().__init__(base)
-        self.pki = make_pki(base)
+        self.pki = make_pki(base / "pki", servers=("server",), clients=("device",))
         passwords = base / "passwords"
         subprocess.run(
             [shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", "-c",
@@ -46,8 +46,8 @@ class SecureMosquitto(Mosquitto):
             "allow_anonymous false\n"
             f"password_file {passwords}\n"
             f"cafile {self.pki.ca}\n"
-            f"certfile {self.pki.server_cert}\n"
-            f"keyfile {self.pki.server_key}\n"
+            f"certfile {self.pki.crt('server')}\n"
+            f"keyfile {self.pki.key('server')}\n"
             "require_certificate true\n"
             "persistence false\n"
             # run as root (as the tests may), mosquitto would read the password file as
@@ -71,7 +71,7 @@ def secure_broker() -> Iterator[SecureMosquitto]:
 def config(broker: SecureMosquitto, **kw: Any) -> BrokerConfig:
     pki = broker.pki
     options: dict[str, Any] = {
-        "tls": tls_context(pki.ca, pki.client_cert, pki.client_key),
+        "tls": tls_context(pki.ca, pki.crt("device"), pki.key("device")),
         "username": USER,
         "password": PASSWORD,
         "reconnect_min_s": 1,
@@ -90,8 +90,8 @@ class Peer:
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"peer-{time.monotonic_ns()}")
-        client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert),
-                       keyfile=str(pki.client_key))  # fmt: skip
+        client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.crt("device")),
+                       keyfile=str(pki.key("device")))  # fmt: skip
         client.username_pw_set(USER, PASSWORD)
         client.on_connect = lambda c, *_a: c.subscribe([(t, 1) for t in topics])
         client.on_subscribe = lambda *_a: self.subscribed.set()
@@ -160,7 +160,7 @@ def test_refusals_are_reported_and_retried(
     from structlog.testing import capture_logs
 
     if change.get("tls") == "other-ca":
-        change = {"tls": tls_context(make_pki(tmp_path).ca)}
+        change = {"tls": tls_context(make_pki(tmp_path).ca)}  # another CA
     elif change.get("tls") == "no-client-cert":
         change = {"tls": tls_context(secure_broker.pki.ca)}
     client = MqttClient(broker=config(secure_broker, **change), client_id="refused")
@@ -183,9 +183,9 @@ def test_tls_files_that_cannot_be_used_are_named(tmp_path: Path) -> None:
     missing = tmp_path / "absent-ca.pem"
     with pytest.raises(ValueError, match=r"absent-ca\.pem"):
         tls_context(missing)
-    pki = make_pki(tmp_path)
+    pki = make_pki(tmp_path, servers=("server",), clients=("device",))
     with pytest.raises(ValueError, match="client certificate"):
-        tls_context(pki.ca, pki.client_cert, pki.server_key)  # key of another certificate
+        tls_context(pki.ca, pki.crt("device"), pki.key("server"))  # another certificate's key
 
 
 def test_status_topic_online_will_and_clean_offline(secure_broker: SecureMosquitto) -> None:
@@ -256,8 +256,8 @@ def test_the_daemon_through_tls_and_a_password(
             mqtt_port=secure_broker.port,
             mqtt_tls=True,
             mqtt_ca_file=str(pki.ca),
-            mqtt_cert_file=str(pki.client_cert),
-            mqtt_key_file=str(pki.client_key),
+            mqtt_cert_file=str(pki.crt("device")),
+            mqtt_key_file=str(pki.key("device")),
             mqtt_username=USER,
             mqtt_client_id="edge-app-tls",
         ),
