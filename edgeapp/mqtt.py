@@ -187,27 +187,22 @@ def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
     return bytes((_SUBSCRIBE << 4 | 0x02,)) + _remaining_length(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes, *, retain: bool = False) -> bytes:
-    """A QoS 0 PUBLISH packet."""
+def publish_packet(
+    topic: str, payload: bytes, *, retain: bool = False, packet_id: int | None = None
+) -> bytes:
+    """A PUBLISH packet: QoS 0, or QoS 1 with ``packet_id`` (DUP clear: ``_DUP`` is or-ed
+    into byte 0 for a resend)."""
     name = topic.encode()
+    if packet_id is None:
+        header, ident = (b"\x31" if retain else b"\x30"), b""
+    else:
+        header, ident = (b"\x33" if retain else b"\x32"), struct.pack("!H", packet_id)
     return (
-        (b"\x31" if retain else b"\x30")
-        + _remaining_length(2 + len(name) + len(payload))
+        header
+        + _remaining_length(2 + len(name) + len(ident) + len(payload))
         + struct.pack("!H", len(name))
         + name
-        + payload
-    )
-
-
-def publish_packet_qos1(topic: str, payload: bytes, packet_id: int, *, retain: bool) -> bytes:
-    """A QoS 1 PUBLISH packet (DUP clear: ``_DUP`` is or-ed into byte 0 for a resend)."""
-    name = topic.encode()
-    return (
-        (b"\x33" if retain else b"\x32")
-        + _remaining_length(4 + len(name) + len(payload))
-        + struct.pack("!H", len(name))
-        + name
-        + struct.pack("!H", packet_id)
+        + ident
         + payload
     )
 
@@ -363,7 +358,7 @@ class MqttClient:
             fresh: list[tuple[int, bytes]] = []
             for topic, payload in messages:
                 packet_id = self._packet_id()
-                packet = publish_packet_qos1(topic, payload, packet_id, retain=retain)
+                packet = publish_packet(topic, payload, retain=retain, packet_id=packet_id)
                 unacked[packet_id] = _Pending(packet)
                 fresh.append((packet_id, packet))
             overflow = max(0, len(unacked) - self.max_queued)

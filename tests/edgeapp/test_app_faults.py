@@ -2,15 +2,19 @@
 
 A hung agent at SIGTERM; an agent socket that does not exist; two daemons
 with the same MQTT client id; the journal's share of the log (one summary
-line per interval, per-tick detail at DEBUG only).
+line per interval, per-tick detail at DEBUG only); junk turbine ids that
+filled every slot.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
-from edgeapp_harness import Listener, Sensors, Stack, StartApp, wait_until
+from edgeapp_harness import Listener, Sensors, Stack, StartApp, synthetic_samples, wait_until
+
+SAMPLE_BODY = {k: v for k, v in synthetic_samples(1, seed=0)[0].items() if k != "ts"}
 
 
 def test_sigterm_while_the_agent_hangs_ends_within_2_s(
@@ -110,3 +114,22 @@ def test_two_daemons_with_one_client_id_are_named_as_the_likely_cause(
     assert "same client id" in str(event["likely_cause"])
     assert "mqtt_client_id" in str(event["likely_cause"])
     assert str(event["client"]).startswith("twin-")
+
+
+def test_the_daemon_frees_slots_of_silent_turbines(
+    start_app: StartApp, listener: Listener, sensors: Sensors
+) -> None:
+    app, _notify = start_app(max_turbines=8, turbine_evict_s=1.0, log_summary_interval_s=0.5)
+    for i in range(40):
+        sensors.publish_raw(sensors.topic(f"junk{i}"), json.dumps(SAMPLE_BODY).encode())
+    app.wait_event("input dropped", lambda e: e["reason"] == "too_many_turbines")
+    sensors.publish_raw(sensors.topic("real1"), json.dumps(SAMPLE_BODY).encode())
+    app.wait_event("summary", lambda e: (e["refused"] or {}).get("too_many_turbines", 0) > 0)
+    # the junk falls silent and gives its slots back; the real turbine gets verdicts
+    app.wait_event("turbines evicted", timeout=10)
+    sensors.prefill(["real1"])
+    sensors.stream(["real1"])
+    listener.wait_for("anomalies", turbine="real1", timeout=15)
+    evictions = app.events("turbines evicted")
+    assert sum(e["count"] for e in evictions) == 8
+    assert all(e["examples"][0].startswith("junk") for e in evictions)
