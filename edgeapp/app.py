@@ -10,10 +10,16 @@ the replay thread), the publisher's MQTT client reader, and the detector's
 inference workers. The tick loop pings the systemd watchdog after each
 completed tick while the source's thread is alive.
 
+Before each tick, learned turbines silent for ``turbine_evict_s`` give their
+slot back. Each tick is logged at DEBUG; one INFO ``summary`` line per
+``log_summary_interval_s`` carries the interval's counts and latencies.
+
 Shutdown order: STOPPING=1; stop the source (no new samples); close the agent
 connection (an in-flight call ends at once) and join the workers; disconnect
 the publisher after its last write, so every message handed to it reaches the
-broker whole.
+broker whole. A call to a hung agent is cancelled ``STOP_GRACE_S`` after the
+stop request, whichever thread waits for it, so SIGTERM ends the daemon in
+about a second whatever ``agent_timeout_s`` is.
 """
 
 from __future__ import annotations
