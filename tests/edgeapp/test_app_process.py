@@ -171,8 +171,8 @@ def test_agent_killed_and_restarted_verdicts_resume(
     sensors.stream(["k1"])
     listener.wait_for("anomalies", turbine="k1")
     try:
+        killed = time.monotonic()  # before: the app may notice before kill() returns here
         app_stack.agent.kill()
-        killed = time.monotonic()
         listener.wait_for(
             "label/update",
             lambda m: m.json() == {"model_label_status": "Agent unavailable"},
