@@ -392,6 +392,7 @@ class _Summary:
             interval_s=round(now - self.started, 3),
             status=report.status,
             label=report.label,
+            reason=app.follower.reason,
             turbines=report.turbines,
             ticks=self.ticks,
             overruns=app.overruns - self.overruns,

@@ -153,6 +153,8 @@ class ModelFollower:
         self.log_interval_s = log_interval_s
         self._logged_at = -math.inf
         self._failures = 0  # failed attempts since the last line about them
+        self.reason: str | None = None
+        """Why the last attempt failed (None once a model is loaded)."""
         self.swaps = 0
 
     @property
@@ -265,6 +267,7 @@ class ModelFollower:
                 )
                 self._logged_at = now
                 self._failures = 0
+        self.reason = str(why) if why is not None else None
         self.state = state
         return state
 

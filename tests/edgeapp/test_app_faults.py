@@ -50,6 +50,7 @@ def test_a_missing_agent_socket_is_reported_with_its_reason_then_rate_limited(
         agent_retry_min_s=0.1,
         agent_retry_max_s=0.2,
         agent_log_interval_s=1.0,
+        log_summary_interval_s=1.0,
     )
     first = app.wait_event("agent unavailable", timeout=10)
     assert str(missing) in first["reason"]
@@ -60,6 +61,8 @@ def test_a_missing_agent_socket_is_reported_with_its_reason_then_rate_limited(
     # ~16 attempts in 3.2 s, but at most one line per second after the first
     assert 3 <= len(reports) <= 5, reports
     assert sum(r["failures"] for r in reports[1:]) >= 8
+    summary = app.wait_event("summary", timeout=5)  # log_summary_interval_s 1.0
+    assert summary["status"] == "unavailable" and "does not exist" in summary["reason"]
     assert time.monotonic() - started < 5
 
 
