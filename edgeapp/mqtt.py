@@ -131,6 +131,8 @@ _DISCONNECT_PACKET = b"\xe0\x00"
 _RECV_BYTES = 256 * 1024
 _POLL_S = 0.25  # how often the reader looks at the stop flag and the keep-alive
 _IO_TIMEOUT_S = 5.0  # connect, CONNACK, and a write the broker does not take
+MAX_QUEUED = 60_000
+"""QoS 1 messages awaiting their PUBACK at most: packet ids are 16 bits."""
 _TAKEOVER_WINDOW_S = 10.0  # a connection the broker ends sooner may have been taken over
 _TAKEOVER_LOG_INTERVAL_S = 60.0
 _CONNACK_CODES = {
@@ -241,6 +243,8 @@ class MqttClient:
             raise ValueError("qos must be 0 or 1")
         if subscription is not None and on_message is None:
             raise ValueError("a subscription needs on_message")
+        if not 1 <= max_queued <= MAX_QUEUED:
+            raise ValueError(f"max_queued must be within 1..{MAX_QUEUED}")
         self.broker = broker
         self.client_id = client_id
         self.subscription = subscription
@@ -259,8 +263,8 @@ class MqttClient:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._skip = 0  # bytes still to skip of an oversized packet
-        # QoS 1 messages awaiting their PUBACK, by packet id, oldest first: the packet,
-        # and whether it went out on the current connection. Guarded by _sock_lock.
+        # QoS 1 messages awaiting their PUBACK, by packet id, oldest first. At most
+        # max_queued (< 65535, so a free packet id always exists). Guarded by _sock_lock.
         self._unacked: OrderedDict[int, _Pending] = OrderedDict()
         self._next_id = 1
         self._tls_lock: threading.Lock | contextlib.nullcontext[None] = (
@@ -356,16 +360,18 @@ class MqttClient:
         with self._sock_lock:
             unacked = self._unacked
             fresh: list[tuple[int, bytes]] = []
+            overflow = 0
             for topic, payload in messages:
+                if len(unacked) >= self.max_queued:  # the oldest goes (a new one only if the
+                    unacked.popitem(last=False)  # batch alone overflows)
+                    overflow += 1
                 packet_id = self._packet_id()
                 packet = publish_packet(topic, payload, retain=retain, packet_id=packet_id)
                 unacked[packet_id] = _Pending(packet)
                 fresh.append((packet_id, packet))
-            overflow = max(0, len(unacked) - self.max_queued)
-            for _ in range(overflow):  # the oldest first (new ones only if they alone overflow)
-                unacked.popitem(last=False)
             self.overflowed += overflow
-            fresh = [(i, p) for i, p in fresh if i in unacked]
+            if overflow:
+                fresh = [(i, p) for i, p in fresh if i in unacked]
             if fresh and self._write(b"".join(p for _i, p in fresh)):
                 for packet_id, _packet in fresh:
                     unacked[packet_id].sent = True

@@ -102,7 +102,7 @@ class AppSettings(EnvOverFileSettings):
     mqtt_max_queued: int = Field(
         10_000,
         ge=1,
-        le=1_000_000,
+        le=60_000,  # edgeapp.mqtt.MAX_QUEUED: MQTT packet ids are 16 bits
         description="QoS 1 verdicts kept unacknowledged at most; beyond, the oldest are dropped.",
     )
     mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive interval.")

@@ -227,8 +227,10 @@ def test_qos1_messages_wait_for_the_broker_bounded_and_in_order(
         assert client.wait_connected(10)
         secure_broker.stop()
         wait_until(lambda: not client.connected, 5, what="the client to notice")
-        for i in range(50):  # 20 more than the queue holds
+        for i in range(10):  # one at a time, then a batch: 20 more than the queue holds
             client.publish("out/verdicts", b"%d" % i, qos=1)
+        batch = [("out/verdicts", b"%d" % i) for i in range(10, 50)]
+        assert client.publish_many(batch, qos=1) == 30  # its 10 oldest went too
         assert client.queued == 30 and client.overflowed == 20
         assert client.publish("out/dashboard", b"qos0") is False  # QoS 0: dropped, counted
         secure_broker.start()

@@ -64,6 +64,7 @@ def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ("mqtt_status_topic = 'a/#'", "mqtt_status_topic"),
         ("mqtt_verdict_qos = 2", "mqtt_verdict_qos"),
         ("mqtt_max_queued = 0", "mqtt_max_queued"),
+        ("mqtt_max_queued = 70000", "mqtt_max_queued"),
         ("turbine_evict_s = 0", "turbine_evict_s"),
         ("log_summary_interval_s = -1", "log_summary_interval_s"),
     ],
