@@ -131,6 +131,10 @@ _DISCONNECT_PACKET = b"\xe0\x00"
 _RECV_BYTES = 256 * 1024
 _POLL_S = 0.25  # how often the reader looks at the stop flag and the keep-alive
 _IO_TIMEOUT_S = 5.0  # connect, CONNACK, and a write the broker does not take
+_TLS_ENDED = (
+    "the broker ended the TLS session before CONNACK "
+    "(does it require a client certificate, or not trust this one?)"
+)
 MAX_QUEUED = 60_000
 """QoS 1 messages awaiting their PUBACK at most: packet ids are 16 bits."""
 _TAKEOVER_WINDOW_S = 10.0  # a connection the broker ends sooner may have been taken over
@@ -504,7 +508,9 @@ class MqttClient:
             while len(ack) < 4:
                 chunk = sock.recv(4 - len(ack))
                 if not chunk:
-                    raise ConnectionResetError("the broker closed the connection")
+                    raise ConnectionResetError(
+                        _TLS_ENDED if broker.tls is not None else "the broker closed the connection"
+                    )
                 ack += chunk
             if ack[0] >> 4 != _CONNACK or ack[1] != 2:
                 raise MqttProtocolError(f"expected CONNACK, got {ack.hex()}")
@@ -515,6 +521,9 @@ class MqttClient:
                 sock.sendall(subscribe_packet(1, self.subscription, self.qos))
             if self.status_topic is not None:
                 sock.sendall(publish_packet(self.status_topic, b"online", retain=True))
+        except ssl.SSLEOFError as exc:  # TLS 1.3: a refused client certificate can look so
+            sock.close()
+            raise MqttProtocolError(_TLS_ENDED) from exc
         except BaseException:
             sock.close()
             raise
