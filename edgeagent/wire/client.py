@@ -239,8 +239,6 @@ class _Connection:
                         self._send(h2.window_update(sid, stream_unacked))
                         stream_unacked = 0
         except CallError:
-            if self.cancelled:
-                raise _cancelled() from None
             self._reset_quietly(sid)
             raise
         except TimeoutError:
