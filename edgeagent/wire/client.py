@@ -294,6 +294,15 @@ class _Connection:
             self.close()
 
 
+def _reset(f: h2.Frame) -> CallError:
+    code = struct.unpack(">I", f.payload[:4])[0] if len(f.payload) >= 4 else 0
+    if code == ErrorCode.REFUSED_STREAM:
+        return CallError(Status.UNAVAILABLE, "the agent refused the call (busy or stopping)")
+    if code == ErrorCode.CANCEL:
+        return CallError(Status.CANCELLED, "the agent cancelled the call")
+    return CallError(Status.INTERNAL, f"the agent reset the call (HTTP/2 error {code})")
+
+
 def _unreachable(path: Path, exc: OSError) -> str:
     """Why nothing answers on ``path``, in the words an operator acts on."""
     if isinstance(exc, FileNotFoundError):
@@ -309,15 +318,6 @@ def _unreachable(path: Path, exc: OSError) -> str:
 
 def _cancelled() -> CallError:
     return CallError(Status.CANCELLED, "the client was closed")
-
-
-def _reset(f: h2.Frame) -> CallError:
-    code = struct.unpack(">I", f.payload[:4])[0] if len(f.payload) >= 4 else 0
-    if code == ErrorCode.REFUSED_STREAM:
-        return CallError(Status.UNAVAILABLE, "the agent refused the call (busy or stopping)")
-    if code == ErrorCode.CANCEL:
-        return CallError(Status.CANCELLED, "the agent cancelled the call")
-    return CallError(Status.INTERNAL, f"the agent reset the call (HTTP/2 error {code})")
 
 
 class Channel:
