@@ -70,7 +70,7 @@ def engine(tmp_path: Path) -> Iterator[tuple[JobsEngine, Sent]]:
             ("update", "j2"),
             ("update", "nope"),
         ]
-    ),  # fmt: skip
+    ),
     body=request_fields,
     raw=st.booleans(),
 )
