@@ -313,7 +313,7 @@ class JobsEngine:
         if not isinstance(targets, list) or not targets:
             raise AdminError("InvalidRequestException", "targets must be a non-empty list")
         _check_rollout(rollout_config)
-        _check_abort(abort_config)
+        _check_abort_config(abort_config)
         _check_timeout(timeout_config)
         _check_presigned(presigned_url_config)
         with self._lock:
@@ -1017,7 +1017,7 @@ def _check_rollout(config: dict[str, Any] | None) -> None:
             raise AdminError("InvalidRequestException", "exponentialRate values out of range")
 
 
-def _check_abort(config: dict[str, Any] | None) -> None:
+def _check_abort_config(config: dict[str, Any] | None) -> None:
     if config is None:
         return
     criteria = config.get("criteriaList") if isinstance(config, dict) else None
