@@ -57,6 +57,7 @@ from cloud.local.store import Store
 __all__ = [
     "ACCOUNT",
     "DEVICE_STATUSES",
+    "DEVICE_TRANSITIONS",
     "REGION",
     "TERMINAL",
     "AdminError",
@@ -97,6 +98,13 @@ STATUSES = frozenset(
 )
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"})
 DEVICE_STATUSES = frozenset({"IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"})
+# What a device's update may do, by the execution's current status (the one table).
+# The service's own moves (QUEUED on creation, TIMED_OUT, CANCELED) are not device moves.
+DEVICE_TRANSITIONS: dict[str, frozenset[str]] = {
+    "QUEUED": DEVICE_STATUSES,
+    "IN_PROGRESS": DEVICE_STATUSES,
+    **{terminal: frozenset() for terminal in TERMINAL},
+}
 FAILURE_TYPES = {
     "FAILED": {"FAILED"},
     "REJECTED": {"REJECTED"},
@@ -535,15 +543,14 @@ class JobsEngine:
                 f"expectedVersion {expected} but the execution is at {ex.version_number}",
                 ex,
             )
-        if ex.status in TERMINAL:
-            raise _RejectedError(
-                "InvalidStateTransition",
-                f"the execution is {ex.status}: no update can leave a terminal state",
-                ex,
+        if status not in DEVICE_TRANSITIONS[ex.status]:
+            reason = (
+                "no update can leave a terminal state"
+                if ex.status in TERMINAL
+                else f"a device cannot set the status {status}"
             )
-        if status not in DEVICE_STATUSES:
             raise _RejectedError(
-                "InvalidStateTransition", f"a device cannot set the status {status}", ex
+                "InvalidStateTransition", f"the execution is {ex.status}: {reason}", ex
             )
         if ex.status == "QUEUED" and status == "IN_PROGRESS":
             self._begin(ex)
