@@ -8,6 +8,7 @@ serves the dashboard; ``windfarm-sim record`` writes a run to CSV. Exit codes:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -173,6 +174,10 @@ def run(settings: SimSettings) -> int:
     )
     if timer is not None:
         timer.start()
+    # uvicorn handles SIGINT/SIGTERM while it serves and raises them again
+    # afterwards to the handlers found at start: these, so the clean-up below runs
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _s, _f: server.request_stop())
     try:
         server.run()
     finally:

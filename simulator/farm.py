@@ -224,12 +224,13 @@ class Farm:
     def _record(self, batch: Batch) -> None:
         roll, pitch, yaw = quaternion_to_euler(batch.qx, batch.qy, batch.qz, batch.qw)
         feats = np.stack([roll, pitch, yaw, batch.wind_speed_rps, batch.rps, batch.voltage], -1)
+        self._latest = feats[:, -1].astype(np.float64)
+        feats[~self._publishing] = np.nan  # a stopped turbine's sensors send nothing
         n = batch.n_samples
         slots = (self._written + np.arange(n)) % self._history_len
         self._history[:, slots] = feats
         self._history_t[slots] = batch.ts_ms / 1000.0
         self._written += n
-        self._latest = feats[:, -1].astype(np.float64)
 
     # ---- what the devices say -----------------------------------------------------------
     def on_anomalies(self, turbine: str, payload: bytes | bytearray) -> bool:
@@ -314,7 +315,7 @@ class Farm:
             start = self._written - filled
             slots = np.arange(start, self._written) % self._history_len
             times = self._history_t[slots]
-            keep = times > since
+            keep = (times > since) & ~np.isnan(self._history[i, slots, 0])
             samples = self._history[i, slots[keep]]
             verdict = self._verdicts[i]
             scores = [s for s in verdict.scores if s["seq"] > after_seq]

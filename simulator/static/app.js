@@ -148,14 +148,14 @@
 
   function buildCharts() {
     const colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
-    const s = (label, i) => ({ label, stroke: colors[i % colors.length], width: 1 });
+    const s = (label, i) => ({ label, stroke: colors[i % colors.length], width: 1, points: { show: false } });
     state.charts = {
       tilt: makeChart($("#chart-tilt"), "roll / pitch (rad)", [s("roll", 0), s("pitch", 1)]),
       yaw: makeChart($("#chart-yaw"), "yaw (rad)", [s("yaw", 2)]),
       speed: makeChart($("#chart-speed"), "wind / rotor speed (rps)", [s("wind", 0), s("rotor", 3)]),
       voltage: makeChart($("#chart-voltage"), "voltage (mV)", [s("voltage", 4)]),
       scores: makeChart($("#chart-scores"), "anomaly score / threshold",
-        state.farm.features.map((f, i) => s(f, i)).concat([{ label: "threshold", stroke: "#000", dash: [6, 4], width: 1 }])),
+        state.farm.features.map((f, i) => s(f, i)).concat([{ label: "threshold", stroke: "#000", dash: [6, 4], width: 1, points: { show: false } }])),
     };
     resetSeries();
   }
