@@ -33,7 +33,9 @@ __all__ = ["add_arguments", "build_parser", "dispatch", "main", "run"]
 log = structlog.get_logger("simulator")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """The simulator's subcommands (``run``, ``record``) on ``parser`` (edgectl reuses them)."""
     sub = parser.add_subparsers(dest="sim_command", metavar="SUBCOMMAND")
     run_p = sub.add_parser("run", help="publish the farm's streams and serve the dashboard")
@@ -66,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rec.add_argument("--out", type=Path, required=True, help="CSV file to write")
     rec.set_defaults(sim_func=record_args)
+    return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
