@@ -1,7 +1,7 @@
 """The simulator's settings: one typed object from flags, the environment and defaults.
 
-``WINDEDGE_SIM_*`` environment variables override the values given as
-arguments (the command line's flags, or ``edgectl demo``'s choices).
+Command-line flags win over ``WINDEDGE_SIM_*`` environment variables, which
+win over the defaults.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import re
 from typing import Final
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
-
-from edgecommon.settings import EnvOverFileSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["SimSettings", "SettingsError", "load_settings"]
 
@@ -25,7 +23,7 @@ class SettingsError(ValueError):
     """An invalid simulator configuration (the message names every problem)."""
 
 
-class SimSettings(EnvOverFileSettings):
+class SimSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WINDEDGE_SIM_", extra="forbid", frozen=True)
 
     turbines: int = Field(5, ge=1, le=100_000, description="Number of simulated turbines.")
@@ -113,7 +111,7 @@ class SimSettings(EnvOverFileSettings):
 
 
 def load_settings(**values: object) -> SimSettings:
-    """Validated settings (given values, then ``WINDEDGE_SIM_*`` over them)."""
+    """Validated settings: the given values (None: not given), else ``WINDEDGE_SIM_*``."""
     given = {k: v for k, v in values.items() if v is not None}
     try:
         return SimSettings(**given)  # type: ignore[arg-type]  # validated by pydantic
