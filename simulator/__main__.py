@@ -1,4 +1,4 @@
-"""windfarm-sim: the wind farm simulator (composition root).
+"""windfarm-sim: the wind farm simulator, and its composition root.
 
 ``windfarm-sim [run]`` publishes every turbine's samples to the broker and
 serves the dashboard; ``windfarm-sim record`` writes a run to CSV. Exit codes:
