@@ -37,6 +37,7 @@ __all__ = [
     "Command",
     "CommandError",
     "Farm",
+    "UnknownTurbineError",
     "quaternion_to_euler",
 ]
 
@@ -51,6 +52,10 @@ SCORES_KEPT: Final = 120  # verdicts kept per turbine
 
 class CommandError(ValueError):
     """A command the farm cannot carry out (unknown turbine, bad fault)."""
+
+
+class UnknownTurbineError(CommandError):
+    """No turbine of the farm has this id."""
 
 
 class Command(BaseModel):
@@ -173,7 +178,7 @@ class Farm:
         try:
             return [self.index[turbine]]
         except KeyError:
-            raise CommandError(f"unknown turbine {turbine!r}") from None
+            raise UnknownTurbineError(f"unknown turbine {turbine!r}") from None
 
     def apply(self, turbine: str, command: Command) -> None:
         """Carry out an operator command on one turbine (or ``all``)."""
@@ -309,7 +314,7 @@ class Farm:
         the ``after_seq``-th (each verdict carries its ``seq``)."""
         i = self.index.get(turbine)
         if i is None:
-            raise CommandError(f"unknown turbine {turbine!r}")
+            raise UnknownTurbineError(f"unknown turbine {turbine!r}")
         with self._lock:
             filled = min(self._written, self._history_len)
             start = self._written - filled
