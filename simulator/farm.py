@@ -200,21 +200,24 @@ class Farm:
                     self._fault_bits[targets] &= ~(1 << command.kind.bit)
 
     # ---- the stream ---------------------------------------------------------------------
-    def tick(self, n_samples: int) -> list[tuple[str, bytes]]:
+    def tick(self, n_samples: int, keep: int | None = None) -> list[tuple[str, bytes]]:
         """Advance every turbine by ``n_samples``; the raw-data payloads of the running ones.
 
+        Only the last ``keep`` samples (all by default) go into the payloads: a
+        publisher that fell far behind sends the recent past, not a backlog.
         One sample: the sample object itself; several: ``{"samples": [...]}``.
         """
         with self._lock:
             batch = self._gen.step(n_samples)
             self._record(batch)
             publishing = np.flatnonzero(self._publishing)
-        raw = batch.raw()  # (N, n, 7)
-        ts = batch.ts_ms.tolist()
+        first = 0 if keep is None else max(0, n_samples - max(1, keep))
+        raw = batch.raw()[:, first:]  # (N, n, 7)
+        ts = batch.ts_ms[first:].tolist()
         out = []
         for i in publishing.tolist():
             rows = raw[i].tolist()
-            if n_samples == 1:
+            if len(ts) == 1:
                 body = _sample_json(ts[0], rows[0])
             else:
                 body = (
@@ -223,7 +226,7 @@ class Farm:
                     + "]}"
                 )
             out.append((self.ids[i], body.encode()))
-        self.samples_published += len(publishing) * n_samples
+        self.samples_published += len(publishing) * len(ts)
         return out
 
     def _record(self, batch: Batch) -> None:
