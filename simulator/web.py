@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -35,6 +36,8 @@ from starlette.staticfiles import StaticFiles
 from simulator.farm import Command, CommandError, Farm, UnknownTurbineError
 
 __all__ = ["STATIC", "create_app"]
+
+log = structlog.get_logger("simulator.web")
 
 STATIC: Final = Path(__file__).resolve().parent / "static"
 _MAX_BODY: Final = 4096
@@ -102,6 +105,7 @@ def create_app(
             return _error(404, str(exc))
         except CommandError as exc:
             return _error(400, str(exc))
+        log.info("command", via="http", turbine=turbine_id, action=cmd.action, kind=cmd.kind)
         return JSONResponse({"ok": True, "turbine": turbine_id, "action": cmd.action})
 
     async def events(request: Request) -> Response:
