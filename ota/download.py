@@ -230,8 +230,11 @@ class Downloader:
             start, total = _content_range(resp.headers.get("Content-Range"))
 
         def chunks() -> Iterator[bytes]:
-            try:
-                yield from resp.stream(CHUNK)
+            try:  # read1: what has arrived, so a cut keeps every byte before it
+                while data := resp.read1(CHUNK):
+                    yield data
+                if total is not None and resp.tell() < total - start:
+                    raise TransientError(f"{_safe(url)}: connection ended early")
             except urllib3.exceptions.HTTPError as exc:
                 raise TransientError(f"{_safe(url)}: {exc}") from exc
 
