@@ -208,10 +208,10 @@ class PackageServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            def do_GET(self) -> None:
                 owner.requests.append({"path": self.path, **dict(self.headers.items())})
                 path = owner.files.get(self.path.split("?", 1)[0])
                 if path is None:

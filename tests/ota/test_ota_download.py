@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ota_harness import PackageServer, LocalTls, make_tls, sha256_file
+from ota_harness import LocalTls, PackageServer, make_tls, sha256_file
 
 from ota.document import JobDocument
 from ota.download import Downloader
@@ -191,7 +191,7 @@ def test_not_enough_disk_is_fatal_before_anything_is_written(
 
 def test_untrusted_certificate_is_refused(server: PackageServer, tmp_path: Path) -> None:
     other = make_tls(tmp_path / "other")
-    with pytest.raises(TransientError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+    with pytest.raises(TransientError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
         downloader(None, other).fetch(url_doc(server), tmp_path / "g.tar.gz", no_progress)
 
 
@@ -219,7 +219,7 @@ def test_s3_download_and_ranged_resume(
 
 def test_s3_missing_key_is_fatal(moto: Moto, tls: LocalTls, tmp_path: Path) -> None:
     doc = s3_doc().model_copy(update={"model_package_key": "absent.tar.gz"})
-    with pytest.raises(FatalError, match="NoSuchKey|404"):
+    with pytest.raises(FatalError, match=r"NoSuchKey|404"):
         downloader(moto, tls).fetch(doc, tmp_path / "i.tar.gz", no_progress)
 
 
