@@ -50,9 +50,9 @@ fi
 stamp=.venv/.windedge-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing windedge (editable, dev extras) into .venv"
+  log "installing windedge (editable, dev and local extras) into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[dev]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
+  .venv/bin/python -m pip install -q -e '.[dev,local]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
   .venv/bin/python -c 'import edgeagent, onnxruntime, grpc' # fail loudly if the install did not work
   echo "$want" > "$stamp"
 fi
