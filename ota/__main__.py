@@ -59,8 +59,8 @@ class App:
             ),
             downloader=Downloader(
                 s3_client=lambda: make_s3_client(
-                    region=settings.s3_region,
-                    endpoint_url=settings.s3_endpoint,
+                    region=settings.region,
+                    endpoint_url=settings.s3_endpoint_url,
                     iot=iot,
                     timeout=settings.download_timeout_s,
                 ),
@@ -127,16 +127,16 @@ class App:
 
 
 def _iot_credentials(settings: OtaSettings) -> IotCredentialsConfig | None:
-    if not settings.iot_credentials_endpoint:
+    if not settings.credentials_endpoint:
         return None
     try:
         return IotCredentialsConfig.parse(
-            endpoint=settings.iot_credentials_endpoint,
-            role_alias=settings.iot_role_alias,
+            endpoint=settings.credentials_endpoint,
+            role_alias=settings.role_alias,
             thing_name=settings.thing_name,
-            cert_file=settings.cert_file,
-            key_file=settings.key_file,
-            ca_file=settings.ca_file,
+            cert_file=settings.cert_path,
+            key_file=settings.key_path,
+            ca_file=settings.ca_path,
             timeout=settings.download_timeout_s,
         )
     except ValueError as exc:

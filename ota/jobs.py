@@ -88,8 +88,8 @@ class IotJobs:
         self._client.start()
         log.info(
             "connecting to IoT Jobs",
-            endpoint=self.settings.endpoint,
-            port=self.settings.port,
+            endpoint=self.settings.iot_endpoint,
+            port=self.settings.iot_port if self.settings.tls else self.settings.iot_plain_port,
             tls=self.settings.tls,
             thing=self.thing,
         )
@@ -111,11 +111,11 @@ class IotJobs:
             from awsiot import mqtt5_client_builder  # noqa: PLC0415
 
             return mqtt5_client_builder.mtls_from_path(
-                endpoint=s.endpoint,
-                port=s.port,
-                cert_filepath=str(s.cert_file),
-                pri_key_filepath=str(s.key_file),
-                ca_filepath=str(s.ca_file) if s.ca_file else None,
+                endpoint=s.iot_endpoint,
+                port=s.iot_port,
+                cert_filepath=str(s.cert_path),
+                pri_key_filepath=str(s.key_path),
+                ca_filepath=str(s.ca_path) if s.ca_path else None,
                 client_id=s.mqtt_client_id,
                 keep_alive_interval_sec=s.keep_alive_s,
                 min_reconnect_delay_ms=500,
@@ -126,8 +126,8 @@ class IotJobs:
         # plain TCP: local development against the stand-in's plain listener
         return mqtt5.Client(
             mqtt5.ClientOptions(
-                host_name=s.endpoint,
-                port=s.port,
+                host_name=s.iot_endpoint,
+                port=s.iot_plain_port,
                 connect_options=mqtt5.ConnectPacket(
                     client_id=s.mqtt_client_id, keep_alive_interval_sec=s.keep_alive_s
                 ),

@@ -37,19 +37,24 @@ class OtaSettings(EnvOverFileSettings):
     )
 
     # -- AWS IoT Core (or the local stand-in) ----------------------------------------------
-    endpoint: str = Field(
+    iot_endpoint: str = Field(
         "127.0.0.1", min_length=1, description="MQTT endpoint host (the account's IoT endpoint)."
     )
-    port: int = Field(8883, ge=1, le=65535, description="MQTT port (8883 with mutual TLS).")
+    iot_port: int = Field(
+        8883, ge=1, le=65535, description="MQTT port with mutual TLS (8883, or 443 with ALPN)."
+    )
+    iot_plain_port: int = Field(
+        1883, ge=1, le=65535, description="MQTT port without TLS (used only when tls = false)."
+    )
     tls: bool = Field(
         True,
         description=(
             "Mutual TLS with the device certificate. false = plain TCP: local development only."
         ),
     )
-    cert_file: Path | None = Field(None, description="Device certificate (PEM).")
-    key_file: Path | None = Field(None, description="Device private key (PEM, mode 0600).")
-    ca_file: Path | None = Field(
+    cert_path: Path | None = Field(None, description="Device certificate (PEM).")
+    key_path: Path | None = Field(None, description="Device private key (PEM, mode 0600).")
+    ca_path: Path | None = Field(
         None, description="CA that signed the endpoint's certificate (Amazon Root CA 1 on AWS)."
     )
     client_id: str | None = Field(None, description="MQTT client id (default: the thing name).")
@@ -73,18 +78,18 @@ class OtaSettings(EnvOverFileSettings):
     )
 
     # -- downloads ------------------------------------------------------------------------
-    s3_region: str = Field("us-east-1", description="Region of the package bucket.")
-    s3_endpoint: str | None = Field(
+    region: str = Field("us-east-1", description="Region of the package bucket.")
+    s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint URL (a local stand-in); None uses AWS."
     )
-    iot_credentials_endpoint: str | None = Field(
+    credentials_endpoint: str | None = Field(
         None,
         description=(
             "IoT credentials provider: host[:port] or its full role-aliases URL. None: "
             "boto3's default credential chain."
         ),
     )
-    iot_role_alias: str | None = Field(
+    role_alias: str | None = Field(
         None, description="Role alias whose credentials read the package bucket."
     )
     download_ca_file: Path | None = Field(
@@ -165,12 +170,12 @@ class OtaSettings(EnvOverFileSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> OtaSettings:
-        if self.tls and (self.cert_file is None or self.key_file is None):
-            raise ValueError("tls = true needs cert_file and key_file (the device certificate)")
+        if self.tls and (self.cert_path is None or self.key_path is None):
+            raise ValueError("tls = true needs cert_path and key_path (the device certificate)")
         if self.retry_max_s < self.retry_min_s:
             raise ValueError("retry_max_s must be >= retry_min_s")
-        if self.iot_credentials_endpoint and (self.cert_file is None or self.key_file is None):
-            raise ValueError("iot_credentials_endpoint needs cert_file and key_file")
+        if self.credentials_endpoint and (self.cert_path is None or self.key_path is None):
+            raise ValueError("credentials_endpoint needs cert_path and key_path")
         return self
 
     @property
