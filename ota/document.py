@@ -5,7 +5,8 @@ The original workshop's document is accepted as it is::
     {"type": "new_model", "model_name": "wind-turbine", "model_version": "2.0",
      "model_package_bucket": "...", "model_package_key": "..."}
 
-Optional fields: ``model_package_url`` (an HTTPS URL, e.g. what IoT makes of a
+Optional fields: ``model_package_url`` (an HTTPS URL; plain HTTP only where
+the device allows it, for a local stand-in, e.g. what IoT makes of a
 presigned-URL placeholder), ``sha256``, ``size``, ``allow_downgrade``.
 Unknown extra fields are ignored (a newer cloud may add some). Whether a valid
 document applies to this device is :func:`check_applicable`'s question.
@@ -72,7 +73,7 @@ class JobDocument(BaseModel):
     def _url(cls, value: str | None) -> str | None:
         if value is not None:
             parts = urllib.parse.urlsplit(value)
-            if parts.scheme != "https" or not parts.hostname:
+            if parts.scheme not in ("https", "http") or not parts.hostname:
                 raise ValueError("model_package_url must be an https:// URL")
         return value
 
@@ -95,7 +96,7 @@ class JobDocument(BaseModel):
         """Where the package comes from, for logs (no presigned query string)."""
         if self.model_package_url is not None:
             parts = urllib.parse.urlsplit(self.model_package_url)
-            return f"https://{parts.netloc}{parts.path}"
+            return f"{parts.scheme}://{parts.netloc}{parts.path}"
         return f"s3://{self.model_package_bucket}/{self.model_package_key}"
 
 
@@ -113,8 +114,13 @@ def parse_document(raw: object) -> JobDocument:
         raise RejectError(f"invalid job document: {problems}") from None
 
 
-def check_applicable(doc: JobDocument, *, device_model: str, installed: str | None) -> None:
+def check_applicable(
+    doc: JobDocument, *, device_model: str, installed: str | None, allow_http: bool = False
+) -> None:
     """RejectError unless ``doc`` is for this device's model and newer than ``installed``."""
+    url = doc.model_package_url
+    if url is not None and url.startswith("http://") and not allow_http:
+        raise RejectError("plain http:// package URLs are refused (allow_http_urls is off)")
     if doc.model_name != device_model:
         raise RejectError(f"job is for model {doc.model_name!r}, this device runs {device_model!r}")
     if installed is None:

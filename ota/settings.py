@@ -95,6 +95,10 @@ class OtaSettings(EnvOverFileSettings):
     download_ca_file: Path | None = Field(
         None, description="CA bundle for HTTPS package URLs (None: the system's trust store)."
     )
+    allow_http_urls: bool = Field(
+        False,
+        description="Accept plain http:// package URLs (a local stand-in's S3): development only.",
+    )
     download_timeout_s: float = Field(
         30.0, gt=0, description="Connect and read timeout of one download request."
     )

@@ -185,7 +185,7 @@ class Updater:
                 move = next_move(state, event)
                 if move.outcome is not None:
                     record.outcome = move.outcome
-                log.info("transition", state=str(state), event=str(event), to=str(move.to))
+                log.info("transition", state=str(state), on=str(event), to=str(move.to))
                 record.state = move.to
             self._finish(record)
         finally:
@@ -254,7 +254,7 @@ class Updater:
         return Event.OK
 
     def _failed(self, record: Record, state: State, exc: Exception, event: Event) -> Event:
-        log.warning("step failed", state=str(state), event=str(event), error=str(exc))
+        log.warning("step failed", state=str(state), on=str(event), error=str(exc))
         if record.reason is None or state not in (State.ROLLING_BACK, State.CLEANING):
             record.reason = f"{state}: {exc}"[:MAX_REASON]
             record.failed_step = str(state)
@@ -275,7 +275,12 @@ class Updater:
         record.from_version = served.version
         record.from_url = served.url
         installed = served.version or (committed.version if committed else None)
-        check_applicable(doc, device_model=self.settings.model_name, installed=installed)
+        check_applicable(
+            doc,
+            device_model=self.settings.model_name,
+            installed=installed,
+            allow_http=self.settings.allow_http_urls,
+        )
         self._progress(record, force=True)
 
     def _download(self, record: Record) -> None:
