@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from ota_harness import build_archive, sha256_file
+from ota_harness import LocalTls, PackageServer, build_archive, make_tls, sha256_file
 
 from cloud.local import LocalCloud
 from edgeagent.package import extract_package, load_public_key
@@ -72,10 +72,14 @@ class Archives:
     cloud: LocalCloud
     made: dict[str, Archive] = field(default_factory=dict)
 
-    def get(self, version: str, **kw: Any) -> Archive:
-        tag = version + "".join(f"-{k}" for k in sorted(kw))
+    def get(
+        self, version: str, variant: str = "", *, signer: Ed25519PrivateKey | None = None, **kw: Any
+    ) -> Archive:
+        """``variant`` names what ``signer``/``kw`` change (the cache key)."""
+        tag = f"{version}{'-' + variant if variant else ''}"
         if tag not in self.made:
-            path = build_archive(self.folder, version, self.key, **kw)
+            folder = self.folder / tag
+            path = build_archive(folder, version, signer or self.key, **kw)
             self.made[tag] = self.upload(path, version, f"models/{tag}/{path.name}")
         return self.made[tag]
 
@@ -216,17 +220,18 @@ class Device:
         self.processes.append(ota)
         return ota
 
-    def deploy(self, archive: Archive, **document: Any) -> str:
+    def deploy(self, archive: Archive | None, **document: Any) -> str:
         """Create a job with the original workshop's document (plus ``document``)."""
         job_id = f"{self.thing}-job-{next(_counter)}"
-        doc = {
-            "type": "new_model",
-            "model_name": MODEL,
-            "model_version": archive.version,
-            "model_package_bucket": self.cloud.endpoints.bucket,
-            "model_package_key": archive.key,
-            **document,
-        }
+        doc: dict[str, Any] = {"type": "new_model", "model_name": MODEL}
+        if archive is not None:
+            doc.update(
+                model_version=archive.version,
+                model_package_bucket=self.cloud.endpoints.bucket,
+                model_package_key=archive.key,
+            )
+        doc.update(document)
+        doc = {k: v for k, v in doc.items() if v is not None}
         self.cloud.jobs.create_job(job_id, targets=[self.thing], document=doc)
         return job_id
 
@@ -272,9 +277,33 @@ class Device:
 MakeDevice = Callable[..., Device]
 
 
-@pytest.fixture
-def device(cloud: LocalCloud, start_agent: StartAgent) -> Iterator[MakeDevice]:
-    """``device(**settings)``: a fresh turbine serving wind-turbine 1.0 (one per call)."""
+def restart_broker(cloud: LocalCloud, down_s: float = 1.0) -> None:
+    """Stop the stand-in's mosquitto and start it again on the same ports."""
+    from cloud.local.launcher import find_mosquitto
+
+    ep = cloud.endpoints
+    cloud._children.pop("mosquitto").stop()  # the stand-in has no public restart
+    time.sleep(down_s)
+    cloud._start_mosquitto(find_mosquitto(), ep.mqtt_port, ep.mqtt_tls_port)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> LocalTls:
+    return make_tls(tmp_path_factory.mktemp("ota-tls"))
+
+
+@pytest.fixture(scope="session")
+def package_server(tls: LocalTls) -> Iterator[PackageServer]:
+    """HTTPS with Range, serving archives by URL path (presigned-URL jobs); faults reset per use."""
+    server = PackageServer(tls).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def _devices(cloud: LocalCloud, start: StartAgent, tls: LocalTls) -> Iterator[MakeDevice]:
     made: list[Device] = []
     dirs: list[Path] = []
 
@@ -288,7 +317,7 @@ def device(cloud: LocalCloud, start_agent: StartAgent) -> Iterator[MakeDevice]:
         keys = base / "keys"
         keys.mkdir()
         shutil.copyfile(DEV_PUBLIC_KEY, keys / DEV_PUBLIC_KEY.name)
-        agent = start_agent(base=base, trusted_keys=keys)
+        agent = start(base=base, trusted_keys=keys)
         agent.client.load_model(MODEL, v1)
         thing = f"turbine-{os.getpid()}-{next(_counter)}"
         state = base / "ota"
@@ -308,6 +337,7 @@ def device(cloud: LocalCloud, start_agent: StartAgent) -> Iterator[MakeDevice]:
             "download_attempts": 4,
             "check_predictions": 3,
             "allow_http_urls": True,
+            "download_ca_file": str(tls.ca_file),
             "disk_reserve_bytes": 0,
         }
         dev = Device(
@@ -319,7 +349,7 @@ def device(cloud: LocalCloud, start_agent: StartAgent) -> Iterator[MakeDevice]:
             cloud=cloud,
             watch=UpdateWatch(cloud, thing),
             settings={**defaults, **settings},
-            start_agent=start_agent,
+            start_agent=start,
         )
         made.append(dev)
         return dev
@@ -331,3 +361,19 @@ def device(cloud: LocalCloud, start_agent: StartAgent) -> Iterator[MakeDevice]:
             dev.close()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def device(cloud: LocalCloud, start_agent: StartAgent, tls: LocalTls) -> Iterator[MakeDevice]:
+    """``device(**settings)``: a fresh turbine serving wind-turbine 1.0 (one per call)."""
+    with _devices(cloud, start_agent, tls) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_device(
+    cloud: LocalCloud, module_agent_factory: StartAgent, tls: LocalTls
+) -> Iterator[MakeDevice]:
+    """Like ``device``, for a turbine a whole module shares."""
+    with _devices(cloud, module_agent_factory, tls) as make:
+        yield make
