@@ -320,6 +320,7 @@ def _devices(cloud: LocalCloud, start: StartAgent, tls: LocalTls) -> Iterator[Ma
         agent = start(base=base, trusted_keys=keys)
         agent.client.load_model(MODEL, v1)
         thing = f"turbine-{os.getpid()}-{next(_counter)}"
+        cloud.provision_thing(thing)
         state = base / "ota"
         defaults: dict[str, Any] = {
             "model_name": MODEL,
