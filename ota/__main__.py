@@ -117,7 +117,7 @@ class App:
                 log.warning("asking for jobs failed", reason=reason, error=str(exc))
                 continue
             if job is None:
-                log.debug("no pending job", reason=reason)
+                log.info("no pending job", reason=reason)
                 continue
             log.info("job received", job_id=job.job_id, execution=job.execution_number)
             self.notifier.status(f"updating: job {job.job_id}")

@@ -105,11 +105,12 @@ class Installed(BaseModel):
 class Store:
     """The updater's files under ``state_dir``."""
 
-    def __init__(self, state_dir: Path, *, history_size: int = 20) -> None:
+    def __init__(self, state_dir: Path, *, history_size: int = 20, create: bool = True) -> None:
         self.root = state_dir
         self.history_size = history_size
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.downloads.mkdir(exist_ok=True, mode=0o750)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.downloads.mkdir(exist_ok=True, mode=0o750)
 
     @property
     def downloads(self) -> Path:
@@ -124,8 +125,12 @@ class Store:
         return self.downloads / f"{safe}-{record.execution_number or 0}.tar.gz"
 
     # -- the record ----------------------------------------------------------------
-    def load_record(self) -> Record | None:
-        """The persisted record; an unreadable one is kept aside and resumes as a rollback."""
+    def load_record(self, *, quiet: bool = False) -> Record | None:
+        """The persisted record, or None.
+
+        An unreadable one is set aside (renamed ``update.json.corrupt-<time>``)
+        unless ``quiet`` (a reader that is not the updater).
+        """
         path = self.root / RECORD_NAME
         try:
             raw = path.read_bytes()
@@ -135,20 +140,17 @@ class Store:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise TypeError("not an object")
-        except (ValueError, TypeError) as exc:
-            log.error("update record unreadable; set aside", path=str(path), error=str(exc))
-            self._set_aside(path)
-            return None
-        try:
             record = Record.model_validate(data)
-        except ValidationError as exc:
-            log.error("update record invalid; set aside", path=str(path), error=str(exc))
-            self._set_aside(path)
+        except (ValueError, TypeError) as exc:  # ValidationError is a ValueError
+            if not quiet:
+                log.error("update record unreadable; set aside", path=str(path), error=str(exc))
+                self._set_aside(path)
             return None
         if record.schema_version != SCHEMA_VERSION:
             # another schema: its state names are not ours to trust
             log.warning("update record of another schema", schema=record.schema_version)
             record.state = f"unknown:{record.state}"
+            record.schema_version = SCHEMA_VERSION  # ours from now on: resumes as a rollback
         return record
 
     def save_record(self, record: Record) -> None:

@@ -200,7 +200,6 @@ class Device:
         config = {**self.settings, **overrides}
         self.config_path.write_text("[ota]\n" + toml_text(config))
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
-        env.update(self.cloud.env_for(self.thing))
         env["PYTHONUNBUFFERED"] = "1"
         env["AWS_EC2_METADATA_DISABLED"] = "true"
         if crash_at:
@@ -320,9 +319,15 @@ def _devices(cloud: LocalCloud, start: StartAgent, tls: LocalTls) -> Iterator[Ma
         agent = start(base=base, trusted_keys=keys)
         agent.client.load_model(MODEL, v1)
         thing = f"turbine-{os.getpid()}-{next(_counter)}"
-        cloud.provision_thing(thing)
+        # the stand-in's own view of what the device needs, as a config file
+        stand_in = {
+            k.removeprefix("WINDEDGE_OTA_").lower(): v
+            for k, v in cloud.env_for(thing).items()
+            if k.startswith("WINDEDGE_OTA_")
+        }
         state = base / "ota"
         defaults: dict[str, Any] = {
+            **stand_in,
             "model_name": MODEL,
             "state_dir": str(state),
             "models_dir": str(models),
