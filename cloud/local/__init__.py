@@ -34,6 +34,7 @@ Interface (stable; extend, never rename)::
         cloud.env_for("dev-1")      # dict[str, str] a device process needs (WINDEDGE_OTA_*)
         cloud.s3_client()           # boto3 S3 client of the stand-in
         cloud.restart_emulator()    # the emulator alone (persistence tests)
+        cloud.restart_broker()      # mosquitto alone, same ports (reconnect tests)
         cloud.add_to_group("dev-1", "turbines")   # thing groups (deploy --thing-group)
 
 ``LocalCloud(..., ports=Ports(mqtt=1883, ...))`` asks for fixed ports (a taken

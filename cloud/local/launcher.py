@@ -108,6 +108,8 @@ def find_mosquitto() -> Path:
 def _claim_port(port: int, what: str) -> int:
     """``port`` if it is free on 127.0.0.1 (0: any free one); LocalCloudError when taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers do: a listener holds the port, old TIME_WAIT connections do not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -344,6 +346,27 @@ class LocalCloud:
     def restart_emulator(self) -> None:
         self.stop_emulator()
         self.start_emulator()
+
+    def stop_broker(self) -> None:
+        """Stop mosquitto alone (devices and the emulator lose their connections)."""
+        child = self._children.pop("mosquitto", None)
+        if child is not None:
+            child.stop()
+
+    def start_broker(self) -> None:
+        """Start mosquitto again on the same ports (clients reconnect by themselves)."""
+        ep = self.endpoints
+        if "mosquitto" in self._children:
+            raise LocalCloudError("the broker is already running")
+        _claim_port(ep.mqtt_port, "MQTT")
+        _claim_port(ep.mqtt_tls_port, "MQTT over mutual TLS")
+        self._start_mosquitto(find_mosquitto(), ep.mqtt_port, ep.mqtt_tls_port)
+        self._write_state()
+
+    def restart_broker(self, pause: float = 0.0) -> None:
+        self.stop_broker()
+        time.sleep(pause)
+        self.start_broker()
 
     # -- public interface --------------------------------------------------------
     @property
