@@ -13,6 +13,8 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # --- Debian packages --------------------------------------------------------
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# the dashboard's browser tests drive Debian's headless chromium through Playwright
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
