@@ -1,5 +1,8 @@
 """``edgectl ota``: what the OTA updater did and is doing; ask it for jobs now.
 
+``demo-deploy`` is for the local demo: it builds the next model version,
+uploads it to the demo's stand-in and creates the IoT job for every device.
+
 ``status`` reads the updater's files (``<state_dir>``: the update in
 progress, the committed versions, the last outcomes) and asks the agent what
 it serves. ``check`` sends the running updater SIGUSR1 (its pid file names
@@ -11,21 +14,32 @@ root), as ``systemctl kill`` would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from edgeagent.client import AgentClient
 from edgeagent.errors import AgentError, NotFoundError
+from edgeagent.package import (
+    PackageError,
+    build_package,
+    load_private_key,
+    sha256_of,
+    version_key,
+)
 from edgectl.errors import CommandError
 from ota.errors import ConfigError
 from ota.settings import OtaSettings, load_settings
 from ota.store import Store
 
 DEFAULT_CONFIG = Path("/etc/windedge/ota.toml")
+_REPO = Path(__file__).resolve().parents[2]
+_MODEL = "wind-turbine"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,6 +54,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = sub.add_parser("check", help="ask the running updater to look for pending jobs now")
     _common(p)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser(
+        "demo-deploy",
+        help="build the next model version and deploy it to every device of a running demo",
+    )
+    p.add_argument(
+        "--run-dir", type=Path, help="the demo's run directory (default: the running demo's)"
+    )
+    p.add_argument("--version", help="version to build (default: the served major + 1, e.g. 2.0)")
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=_REPO / "models" / "dev-keys" / "windedge-dev.key",
+        help="package signing key (default: the demo's development key)",
+    )
+    p.set_defaults(func=_demo_deploy)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -176,4 +206,105 @@ def _check(args: argparse.Namespace) -> int:
     except PermissionError:
         raise CommandError(f"not allowed to signal edge-ota (pid {pid}): run as its user") from None
     print(f"asked edge-ota (pid {pid}) to look for pending jobs")
+    return 0
+
+
+# -- the demo --------------------------------------------------------------------------
+def _running_demo() -> Path:
+    """The run directory of the demo whose stand-in is alive (the newest, if several)."""
+    from cloud.local import LocalCloud  # noqa: PLC0415 - off-device code, loaded on demand
+
+    found = []
+    for folder in Path(tempfile.gettempdir()).glob("windedge-demo-*"):
+        state = LocalCloud.read_state(folder / "cloud")
+        if state is not None and all(LocalCloud.alive_pids(state).values()):
+            found.append((folder.stat().st_mtime, folder))
+    if not found:
+        raise CommandError("no running demo found: start one with scripts/demo.sh (or --run-dir)")
+    return max(found)[1]
+
+
+def _next_version(run_dir: Path, devices: list[Path]) -> str:
+    versions = []
+    for device in devices:
+        with contextlib.suppress(AgentError, OSError, ValueError):
+            with AgentClient(device / "agent.sock", timeout=5.0) as client:
+                url = client.describe_model(_MODEL).url
+            versions.append(json.loads((Path(url) / "manifest.json").read_bytes())["version"])
+    if not versions:
+        raise CommandError(f"no device of the demo in {run_dir} answers (is it running?)")
+    newest = max(versions, key=version_key)
+    return f"{version_key(newest)[0] + 1}.0"
+
+
+def _demo_deploy(args: argparse.Namespace) -> int:
+    import boto3  # noqa: PLC0415 - only this command builds and uploads a package
+    import numpy as np  # noqa: PLC0415
+
+    from cloud.autoencoder import (  # noqa: PLC0415
+        build_autoencoder_onnx,
+        default_preprocessing_block,
+    )
+    from cloud.local import Endpoints, JobsAdmin, LocalCloud  # noqa: PLC0415
+
+    run_dir: Path = (args.run_dir or _running_demo()).resolve()
+    state = LocalCloud.read_state(run_dir / "cloud")
+    if state is None or not all(LocalCloud.alive_pids(state).values()):
+        raise CommandError(f"the demo's local stand-in is not running in {run_dir}")
+    endpoints = Endpoints.from_json(state["endpoints"])
+    devices = sorted((run_dir / "devices").glob("device-*"), key=lambda p: len(p.name))
+    if not devices:
+        raise CommandError(f"no devices in {run_dir}")
+    version = args.version or _next_version(run_dir, devices)
+    try:
+        version_key(version)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        key = load_private_key(args.signing_key)
+    except PackageError as exc:
+        raise CommandError(str(exc)) from None
+
+    work = run_dir / "packages" / version
+    work.mkdir(parents=True, exist_ok=True)
+    seed = version_key(version)[0]
+    model = build_autoencoder_onnx(work / "model.onnx", seed=seed)
+    golden = np.random.default_rng(seed).standard_normal((8, 6, 10, 10), dtype=np.float32)
+    archive = build_package(
+        model_path=model,
+        name=_MODEL,
+        version=version,
+        preprocessing=default_preprocessing_block(),
+        golden_input=golden,
+        signing_key=key,
+        out_path=work,
+    )
+    object_key = f"models/{archive.name}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoints.s3_endpoint_url,
+        region_name=endpoints.region,
+        aws_access_key_id="local-stand-in",
+        aws_secret_access_key="local-stand-in",  # noqa: S106 - the stand-in takes any key
+    )
+    s3.put_object(Bucket=endpoints.bucket, Key=object_key, Body=archive.read_bytes())
+    job_id = f"demo-{_MODEL}-{version.replace('.', '-')}-{int(time.time())}"
+    things = [d.name for d in devices]
+    JobsAdmin(endpoints.admin_url).create_job(
+        job_id,
+        targets=things,
+        document={
+            "type": "new_model",
+            "model_name": _MODEL,
+            "model_version": version,
+            "model_package_bucket": endpoints.bucket,
+            "model_package_key": object_key,
+            "sha256": sha256_of(archive),
+            "size": archive.stat().st_size,
+        },
+        description=f"{_MODEL} {version} to the demo's devices",
+    )
+    print(f"built {archive.name} (signed), uploaded to s3://{endpoints.bucket}/{object_key}")
+    print(f"job {job_id} created for {', '.join(things)}")
+    print(f"follow it: edgectl ota status --state-dir {devices[0] / 'ota-state'}")
     return 0

@@ -276,16 +276,6 @@ class Device:
 MakeDevice = Callable[..., Device]
 
 
-def restart_broker(cloud: LocalCloud, down_s: float = 1.0) -> None:
-    """Stop the stand-in's mosquitto and start it again on the same ports."""
-    from cloud.local.launcher import find_mosquitto
-
-    ep = cloud.endpoints
-    cloud._children.pop("mosquitto").stop()  # the stand-in has no public restart
-    time.sleep(down_s)
-    cloud._start_mosquitto(find_mosquitto(), ep.mqtt_port, ep.mqtt_tls_port)
-
-
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> LocalTls:
     return make_tls(tmp_path_factory.mktemp("ota-tls"))

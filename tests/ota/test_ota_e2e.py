@@ -263,8 +263,6 @@ def test_agent_down_during_activation_rolls_back(
 def test_broker_restart_mid_job(
     device: MakeDevice, archives: Archives, package_server: PackageServer
 ) -> None:
-    from conftest import restart_broker
-
     dev = device()
     v2 = archives.get("2.0")
     package_server.faults.__init__()  # type: ignore[misc]
@@ -273,7 +271,7 @@ def test_broker_restart_mid_job(
     dev.start_ota()
     job = _url_job(dev, package_server, v2)
     wait_until(lambda: (dev.ota_record() or {}).get("state") == "downloading", 20, "downloading")
-    restart_broker(dev.cloud)
+    dev.cloud.restart_broker(pause=1.0)
     hold.set()
     final = dev.wait_final(job, timeout=90)
     package_server.faults.__init__()  # type: ignore[misc]
