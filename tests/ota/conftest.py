@@ -219,8 +219,12 @@ class Device:
         self.processes.append(ota)
         return ota
 
-    def deploy(self, archive: Archive | None, **document: Any) -> str:
-        """Create a job with the original workshop's document (plus ``document``)."""
+    def deploy(self, archive: Archive | None, *, presigned: bool = False, **document: Any) -> str:
+        """Create a job with the original workshop's document (plus ``document``).
+
+        ``presigned``: the document also carries an IoT presigned-URL placeholder of
+        the object, which the emulator replaces with a fresh URL at each delivery.
+        """
         job_id = f"{self.thing}-job-{next(_counter)}"
         doc: dict[str, Any] = {"type": "new_model", "model_name": MODEL}
         if archive is not None:
@@ -229,9 +233,18 @@ class Device:
                 model_package_bucket=self.cloud.endpoints.bucket,
                 model_package_key=archive.key,
             )
+        if presigned and archive is not None:
+            ep = self.cloud.endpoints
+            s3_url = f"https://s3.{ep.region}.amazonaws.com/{ep.bucket}/{archive.key}"
+            doc["model_package_url"] = "${aws:iot:s3-presigned-url:" + s3_url + "}"
         doc.update(document)
         doc = {k: v for k, v in doc.items() if v is not None}
-        self.cloud.jobs.create_job(job_id, targets=[self.thing], document=doc)
+        self.cloud.jobs.create_job(
+            job_id,
+            targets=[self.thing],
+            document=doc,
+            presigned_url_config={"expiresInSec": 600} if presigned else None,
+        )
         return job_id
 
     def execution(self, job_id: str) -> dict[str, Any]:
