@@ -196,14 +196,17 @@ class Device:
     def config_path(self) -> Path:
         return self.base / "ota.toml"
 
-    def start_ota(self, *, crash_at: str | None = None, **overrides: Any) -> OtaProcess:
+    def start_ota(
+        self, *, crash_at: str | None = None, env: dict[str, str] | None = None, **overrides: Any
+    ) -> OtaProcess:
         config = {**self.settings, **overrides}
         self.config_path.write_text("[ota]\n" + toml_text(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
-        env["PYTHONUNBUFFERED"] = "1"
-        env["AWS_EC2_METADATA_DISABLED"] = "true"
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
+        child_env["PYTHONUNBUFFERED"] = "1"
+        child_env["AWS_EC2_METADATA_DISABLED"] = "true"
+        child_env.update(env or {})
         if crash_at:
-            env["WINDEDGE_OTA_CRASH_AT"] = crash_at
+            child_env["WINDEDGE_OTA_CRASH_AT"] = crash_at
         log = self.base / f"ota-{time.monotonic_ns()}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -211,7 +214,7 @@ class Device:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=child_env,
                 cwd=self.base,
                 start_new_session=True,
             )
