@@ -78,6 +78,15 @@ class Archives:
         """``variant`` names what ``signer``/``kw`` change (the cache key)."""
         tag = f"{version}{'-' + variant if variant else ''}"
         if tag not in self.made:
+            if "model" not in kw:  # one ONNX file per seed, built once
+                from cloud.autoencoder import build_autoencoder_onnx
+
+                seed = kw.get("seed", 1)
+                onnx_path = self.folder / "onnx" / f"seed-{seed}.onnx"
+                if not onnx_path.exists():
+                    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+                    build_autoencoder_onnx(onnx_path, seed=seed)
+                kw["model"] = onnx_path
             folder = self.folder / tag
             path = build_archive(folder, version, signer or self.key, **kw)
             self.made[tag] = self.upload(path, version, f"models/{tag}/{path.name}")
