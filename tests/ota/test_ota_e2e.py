@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import MODEL, Archive, Archives, Device, MakeDevice
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from ota_devices import MODEL, Archive, Archives, Device, MakeDevice
 from ota_harness import PackageServer, hostile_archive, resigned_with_version
 
 from edgeagent.client import AgentClient
