@@ -313,6 +313,9 @@ def test_restart_prune_reconcile_and_presigned_urls(device: MakeDevice, archives
     assert dev.serving() == "3.0"
     assert dev.watch.finals(job2) == ["SUCCEEDED"]  # the restart did not report it again
     assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
+    older = dev.deploy(archives.get("2.0"))  # a downgrade: refused, and 2.0 stays installed
+    assert dev.wait_final(older)["status"] == "REJECTED"
+    assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
 
     dev.agent.client.unload_model(MODEL)  # the agent lost its model (e.g. its state)
     dev.processes[-1].stop()
