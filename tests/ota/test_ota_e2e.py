@@ -315,7 +315,16 @@ def test_restart_prune_reconcile_and_presigned_urls(device: MakeDevice, archives
     assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
     older = dev.deploy(archives.get("2.0"))  # a downgrade: refused, and 2.0 stays installed
     assert dev.wait_final(older)["status"] == "REJECTED"
+    # allowed, but another package under the installed 2.0's name: refused, 2.0 untouched
+    other = archives.get(
+        "2.0", "bad-golden", golden_expected=np.ones((4, 6, 10, 10), dtype=np.float32)
+    )
+    clash = dev.deploy(other, allow_downgrade=True)
+    final = dev.wait_final(clash)
+    assert final["status"] == "FAILED", final
+    assert "different package" in final["statusDetails"]["reason"]
     assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
+    assert dev.serving() == "3.0"
 
     dev.agent.client.unload_model(MODEL)  # the agent lost its model (e.g. its state)
     dev.processes[-1].stop()
