@@ -33,13 +33,12 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
 import structlog
 
-from cloud.local.httpd import LoopbackServer, ServerThread
+from cloud.local.httpd import JsonHandler, LoopbackServer, ServerThread
 from cloud.local.jobs import AdminError, JobsEngine
 
 __all__ = ["AdminServer", "JobsAdmin"]
@@ -49,24 +48,19 @@ log = structlog.get_logger("cloud.local.admin")
 _MAX_BODY = 1024 * 1024
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "windedge-local-stand-in"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib handler names
         self._dispatch("GET")
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib handler names
         self._dispatch("POST")
 
-    def do_PUT(self) -> None:
+    def do_PUT(self) -> None:  # noqa: N802 - the stdlib handler names
         self._dispatch("PUT")
 
-    def do_DELETE(self) -> None:
+    def do_DELETE(self) -> None:  # noqa: N802 - the stdlib handler names
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
@@ -77,12 +71,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             status, answer = self._route(method, parts, query, body)
         except AdminError as exc:
-            self._send(exc.http_status, {"code": exc.code, "message": exc.message})
+            self.send_json(exc.http_status, {"code": exc.code, "message": exc.message})
             return
         except (ValueError, TypeError, KeyError) as exc:
-            self._send(400, {"code": "InvalidRequestException", "message": str(exc)})
+            self.send_json(400, {"code": "InvalidRequestException", "message": str(exc)})
             return
-        self._send(status, answer)
+        self.send_json(status, answer)
 
     def _body(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
@@ -143,15 +137,6 @@ class _Handler(BaseHTTPRequestHandler):
                 engine.cancel_job_execution(job_id, thing, force=bool(body.get("force")))
                 return 204, None
         raise AdminError("ResourceNotFoundException", f"no such admin call: {method} {self.path}")
-
-    def _send(self, status: int, answer: Any) -> None:
-        data = b"" if answer is None else json.dumps(answer).encode()
-        self.send_response(status)
-        if data:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 class _Server(LoopbackServer):

@@ -19,18 +19,16 @@ finishes it holds only that thread, with a timeout).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import socket
 import ssl
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import boto3
 import structlog
 
-from cloud.local.httpd import LoopbackServer, ServerThread
+from cloud.local.httpd import JsonHandler, LoopbackServer, ServerThread
 
 __all__ = ["CredentialsServer", "sts_issuer"]
 
@@ -75,48 +73,35 @@ def _common_name(cert: Any) -> str | None:
     return None
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "windedge-local-stand-in"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib handler names
         parts = [p for p in self.path.split("?")[0].split("/") if p]
         if len(parts) != 3 or parts[0] != "role-aliases" or parts[2] != "credentials":
-            self._send(404, {"message": "not found"})
+            self.send_json(404, {"message": "not found"})
             return
         alias = parts[1]
         if alias != self.server.role_alias:
-            self._send(404, {"message": f"role alias {alias} does not exist"})
+            self.send_json(404, {"message": f"role alias {alias} does not exist"})
             return
         assert isinstance(self.connection, ssl.SSLSocket)  # noqa: S101 - finish_request wraps it
         cert_thing = _common_name(self.connection.getpeercert())
         header = self.headers.get("x-amzn-iot-thingname")
         if cert_thing is None or not self.server.is_thing(cert_thing):
-            self._send(403, {"message": "the certificate belongs to no registered thing"})
+            self.send_json(403, {"message": "the certificate belongs to no registered thing"})
             return
         if header is not None and header != cert_thing:
-            self._send(403, {"message": "x-amzn-iot-thingname does not match the certificate"})
+            self.send_json(403, {"message": "x-amzn-iot-thingname does not match the certificate"})
             return
         try:
             creds = self.server.issuer(cert_thing, self.server.duration)
         except Exception as exc:  # noqa: BLE001 - any STS failure is a 500 for this request
             log.warning("local stand-in: credentials not issued", error=str(exc))
-            self._send(500, {"message": "could not issue credentials"})
+            self.send_json(500, {"message": "could not issue credentials"})
             return
         log.info("local stand-in: credentials issued", thing=cert_thing)
-        self._send(200, {"credentials": creds})
-
-    def _send(self, status: int, answer: dict[str, Any]) -> None:
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(200, {"credentials": creds})
 
 
 class _Server(LoopbackServer):

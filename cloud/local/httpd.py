@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import threading
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-__all__ = ["LoopbackServer", "ServerThread"]
+__all__ = ["JsonHandler", "LoopbackServer", "ServerThread"]
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1, JSON answers, no access log on stderr (the processes log with structlog)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "windedge-local-stand-in"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def send_json(self, status: int, answer: Any) -> None:
+        """``answer`` as JSON (None: an empty body)."""
+        data = b"" if answer is None else json.dumps(answer).encode()
+        self.send_response(status)
+        if data:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class LoopbackServer(ThreadingHTTPServer):

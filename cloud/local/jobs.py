@@ -50,11 +50,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlparse
 
+import structlog
+
 from cloud.local.store import Store
 
 __all__ = [
     "ACCOUNT",
     "DEVICE_STATUSES",
+    "DEVICE_TRANSITIONS",
     "REGION",
     "TERMINAL",
     "AdminError",
@@ -67,6 +70,8 @@ __all__ = [
     "thing_arn",
     "validate_thing_name",
 ]
+
+log = structlog.get_logger("cloud.local.jobs")
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -93,6 +98,13 @@ STATUSES = frozenset(
 )
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"})
 DEVICE_STATUSES = frozenset({"IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"})
+# What a device's update may do, by the execution's current status (the one table).
+# The service's own moves (QUEUED on creation, TIMED_OUT, CANCELED) are not device moves.
+DEVICE_TRANSITIONS: dict[str, frozenset[str]] = {
+    "QUEUED": DEVICE_STATUSES,
+    "IN_PROGRESS": DEVICE_STATUSES,
+    **{terminal: frozenset() for terminal in TERMINAL},
+}
 FAILURE_TYPES = {
     "FAILED": {"FAILED"},
     "REJECTED": {"REJECTED"},
@@ -309,7 +321,7 @@ class JobsEngine:
         if not isinstance(targets, list) or not targets:
             raise AdminError("InvalidRequestException", "targets must be a non-empty list")
         _check_rollout(rollout_config)
-        _check_abort(abort_config)
+        _check_abort_config(abort_config)
         _check_timeout(timeout_config)
         _check_presigned(presigned_url_config)
         with self._lock:
@@ -337,6 +349,7 @@ class JobsEngine:
                 self._jobs[job_id] = job
                 self._dirty_jobs.add(job_id)
                 self._release(job, time.time())
+            log.info("local stand-in: job created", job_id=job_id, things=len(things))
             return self._job_view(job)
 
     def describe_job(self, job_id: str) -> dict[str, Any]:
@@ -530,15 +543,14 @@ class JobsEngine:
                 f"expectedVersion {expected} but the execution is at {ex.version_number}",
                 ex,
             )
-        if ex.status in TERMINAL:
-            raise _RejectedError(
-                "InvalidStateTransition",
-                f"the execution is {ex.status}: no update can leave a terminal state",
-                ex,
+        if status not in DEVICE_TRANSITIONS[ex.status]:
+            reason = (
+                "no update can leave a terminal state"
+                if ex.status in TERMINAL
+                else f"a device cannot set the status {status}"
             )
-        if status not in DEVICE_STATUSES:
             raise _RejectedError(
-                "InvalidStateTransition", f"a device cannot set the status {status}", ex
+                "InvalidStateTransition", f"the execution is {ex.status}: {reason}", ex
             )
         if ex.status == "QUEUED" and status == "IN_PROGRESS":
             self._begin(ex)
@@ -705,6 +717,13 @@ class JobsEngine:
         self._dirty_execs.add((ex.job_id, ex.thing_name))
 
     def _finish(self, ex: Execution, status: str, *, force: bool = False) -> None:
+        log.info(
+            "local stand-in: execution ended",
+            job_id=ex.job_id,
+            thing=ex.thing_name,
+            status=status,
+            details=ex.status_details,
+        )
         ex.status = status
         ex.step_deadline = ex.in_progress_deadline = None
         ex.force_canceled = force and status == "CANCELED"
@@ -714,6 +733,7 @@ class JobsEngine:
         self._check_completed(job)
 
     def _cancel(self, job: Job, *, force: bool, reason: str, comment: str | None) -> None:
+        log.info("local stand-in: job canceled", job_id=job.job_id, reason=reason, force=force)
         job.status = "CANCELED"
         job.reason_code = reason
         job.comment = comment
@@ -1004,7 +1024,7 @@ def _check_rollout(config: dict[str, Any] | None) -> None:
             raise AdminError("InvalidRequestException", "exponentialRate values out of range")
 
 
-def _check_abort(config: dict[str, Any] | None) -> None:
+def _check_abort_config(config: dict[str, Any] | None) -> None:
     if config is None:
         return
     criteria = config.get("criteriaList") if isinstance(config, dict) else None

@@ -367,7 +367,10 @@ class LocalCloud:
             child.stop()
 
     def start_broker(self) -> None:
-        """Start mosquitto again on the same ports (clients reconnect by themselves)."""
+        """Start mosquitto again on the same ports; returns once the emulator serves again.
+
+        Devices reconnect by themselves (after their own reconnect delay).
+        """
         ep = self.endpoints
         if "mosquitto" in self._children:
             raise LocalCloudError("the broker is already running")
@@ -375,6 +378,10 @@ class LocalCloud:
         _claim_port(ep.mqtt_tls_port, "MQTT over mutual TLS")
         self._start_mosquitto(find_mosquitto(), ep.mqtt_port, ep.mqtt_tls_port)
         self._write_state()
+        emulator = self._children.get("emulator")
+        if emulator is not None:  # back only when the emulator has subscribed again
+            admin = JobsAdmin(ep.admin_url, timeout=2.0)
+            self._wait(emulator, lambda: admin.health().get("ready") is True, "the emulator")
 
     def restart_broker(self, pause: float = 0.0) -> None:
         self.stop_broker()

@@ -205,6 +205,13 @@ def test_jobs_survive_an_emulator_restart(start_local_cloud: StartLocalCloud) ->
     with pytest.raises(AdminError) as err:
         cloud.jobs.create_job("persist-1", targets=["p1"], document=DOC)
     assert err.value.code == "ResourceAlreadyExistsException"
+    # the whole stand-in stopped and started again in the same place: same jobs, same CA
+    cert = cloud.provision_thing("p2").cert_path.read_bytes()
+    cloud.stop()
+    cloud.start()
+    assert cloud.provision_thing("p2").cert_path.read_bytes() == cert
+    with V2Device(cloud, "p2", tls=True) as dev:
+        assert [j.job_id for j in dev.get_pending().queued_jobs] == ["persist-1"]
 
 
 def test_reconnect_then_requery_finds_what_was_missed(
