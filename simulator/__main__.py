@@ -149,7 +149,16 @@ def run(settings: SimSettings) -> int:
     )
     publisher = Publisher(farm, link.publish_samples, publish_hz=settings.publish_hz)
     stopping = threading.Event()
-    app = create_app(farm, events_period_s=settings.events_period_s, stopping=stopping)
+    app = create_app(
+        farm,
+        events_period_s=settings.events_period_s,
+        stopping=stopping,
+        health=lambda: {
+            "broker_connected": link.connected.is_set(),
+            "messages_published": publisher.messages,
+            "publisher_busy_s": round(publisher.busy_s, 3),
+        },
+    )
     config = uvicorn.Config(
         app,
         host=settings.http_host,

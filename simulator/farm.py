@@ -37,6 +37,7 @@ __all__ = [
     "Command",
     "CommandError",
     "Farm",
+    "UnknownTurbineError",
     "quaternion_to_euler",
 ]
 
@@ -51,6 +52,10 @@ SCORES_KEPT: Final = 120  # verdicts kept per turbine
 
 class CommandError(ValueError):
     """A command the farm cannot carry out (unknown turbine, bad fault)."""
+
+
+class UnknownTurbineError(CommandError):
+    """No turbine of the farm has this id."""
 
 
 class Command(BaseModel):
@@ -173,7 +178,7 @@ class Farm:
         try:
             return [self.index[turbine]]
         except KeyError:
-            raise CommandError(f"unknown turbine {turbine!r}") from None
+            raise UnknownTurbineError(f"unknown turbine {turbine!r}") from None
 
     def apply(self, turbine: str, command: Command) -> None:
         """Carry out an operator command on one turbine (or ``all``)."""
@@ -195,21 +200,24 @@ class Farm:
                     self._fault_bits[targets] &= ~(1 << command.kind.bit)
 
     # ---- the stream ---------------------------------------------------------------------
-    def tick(self, n_samples: int) -> list[tuple[str, bytes]]:
+    def tick(self, n_samples: int, keep: int | None = None) -> list[tuple[str, bytes]]:
         """Advance every turbine by ``n_samples``; the raw-data payloads of the running ones.
 
+        Only the last ``keep`` samples (all by default) go into the payloads: a
+        publisher that fell far behind sends the recent past, not a backlog.
         One sample: the sample object itself; several: ``{"samples": [...]}``.
         """
         with self._lock:
             batch = self._gen.step(n_samples)
             self._record(batch)
             publishing = np.flatnonzero(self._publishing)
-        raw = batch.raw()  # (N, n, 7)
-        ts = batch.ts_ms.tolist()
+        first = 0 if keep is None else max(0, n_samples - max(1, keep))
+        raw = batch.raw()[:, first:]  # (N, n, 7)
+        ts = batch.ts_ms[first:].tolist()
         out = []
         for i in publishing.tolist():
             rows = raw[i].tolist()
-            if n_samples == 1:
+            if len(ts) == 1:
                 body = _sample_json(ts[0], rows[0])
             else:
                 body = (
@@ -218,7 +226,7 @@ class Farm:
                     + "]}"
                 )
             out.append((self.ids[i], body.encode()))
-        self.samples_published += len(publishing) * n_samples
+        self.samples_published += len(publishing) * len(ts)
         return out
 
     def _record(self, batch: Batch) -> None:
@@ -309,7 +317,7 @@ class Farm:
         the ``after_seq``-th (each verdict carries its ``seq``)."""
         i = self.index.get(turbine)
         if i is None:
-            raise CommandError(f"unknown turbine {turbine!r}")
+            raise UnknownTurbineError(f"unknown turbine {turbine!r}")
         with self._lock:
             filled = min(self._written, self._history_len)
             start = self._written - filled

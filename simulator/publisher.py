@@ -3,6 +3,10 @@
 At each wake-up it generates exactly the samples that are due by the wall
 clock (``rate_hz`` per turbine since the start), so the stream's rate is exact
 whatever the jitter: a late wake-up sends a longer batch, never fewer samples.
+After a stall longer than ``MAX_CATCH_UP_S`` (the machine suspended, say) the
+generator still advances through the whole gap, but only the last second is
+sent: a gap in the stream, as a real sensor link would show, rather than a
+backlog in messages too large for the app.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ __all__ = ["Publisher"]
 log = structlog.get_logger("simulator.publisher")
 
 Sink = Callable[[Iterable[tuple[str, bytes]]], int]
+MAX_CATCH_UP_S = 1.0
 
 
 class Publisher:
@@ -49,7 +54,10 @@ class Publisher:
             due = int((began - t0) * rate) - generated
             if due > 0:
                 try:
-                    payloads = self._farm.tick(due)
+                    keep = max(1, int(rate * MAX_CATCH_UP_S))
+                    if due > keep:
+                        log.warning("publisher fell behind: a gap in the streams", samples=due)
+                    payloads = self._farm.tick(due, keep=keep)
                     self.messages += self._sink(payloads)
                 except Exception:  # the thread must keep the stream going
                     log.exception("publishing failed")

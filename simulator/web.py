@@ -22,19 +22,22 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from simulator.farm import Command, CommandError, Farm
+from simulator.farm import Command, CommandError, Farm, UnknownTurbineError
 
 __all__ = ["STATIC", "create_app"]
+
+log = structlog.get_logger("simulator.web")
 
 STATIC: Final = Path(__file__).resolve().parent / "static"
 _MAX_BODY: Final = 4096
@@ -62,7 +65,13 @@ class _OverviewCache:
             return self._text
 
 
-def create_app(farm: Farm, *, events_period_s: float = 0.5, stopping: threading.Event) -> Starlette:
+def create_app(
+    farm: Farm,
+    *,
+    events_period_s: float = 0.5,
+    stopping: threading.Event,
+    health: Callable[[], dict[str, Any]] | None = None,
+) -> Starlette:
     """The dashboard application over ``farm``; SSE streams end when ``stopping`` is set."""
     overview = _OverviewCache(farm, events_period_s)
 
@@ -92,9 +101,11 @@ def create_app(farm: Farm, *, events_period_s: float = 0.5, stopping: threading.
             return _error(400, str(exc))
         try:
             farm.apply(turbine_id, cmd)
+        except UnknownTurbineError as exc:
+            return _error(404, str(exc))
         except CommandError as exc:
-            status = 404 if "unknown turbine" in str(exc) else 400
-            return _error(status, str(exc))
+            return _error(400, str(exc))
+        log.info("command", via="http", turbine=turbine_id, action=cmd.action, kind=cmd.kind)
         return JSONResponse({"ok": True, "turbine": turbine_id, "action": cmd.action})
 
     async def events(request: Request) -> Response:
@@ -122,13 +133,14 @@ def create_app(farm: Farm, *, events_period_s: float = 0.5, stopping: threading.
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def health(_request: Request) -> Response:
-        return JSONResponse({"ok": True, "turbines": len(farm.ids)})
+    async def healthz(_request: Request) -> Response:
+        extra = health() if health is not None else {}
+        return JSONResponse({"ok": True, "turbines": len(farm.ids), **extra})
 
     return Starlette(
         routes=[
             Route("/", index),
-            Route("/healthz", health),
+            Route("/healthz", healthz),
             Route("/api/farm", describe),
             Route("/api/overview", get_overview),
             Route("/api/turbines/{turbine}", turbine),

@@ -77,6 +77,7 @@
       box.className = "fault";
       box.dataset.kind = kind;
       box.addEventListener("change", () => {
+        box.dataset.toggled = String(Date.now());  // the server's state catches up shortly
         command(id, box.checked ? { action: "fault", kind } : { action: "clear", kind });
       });
       label.appendChild(box);
@@ -118,8 +119,13 @@
       const cls = bits < 0 || !running ? "none" : (bits & (1 << g) ? "on" : "ok");
       light.className = "light " + cls;
     });
+    const now = Date.now();
     for (const box of card.node.querySelectorAll("input.fault")) {
-      if (document.activeElement !== box) box.checked = !!(ov.faults[i] & (1 << Number(box.dataset.bit)));
+      // the server is the truth (other pages and MQTT commands toggle faults too),
+      // except for a box the user has just toggled, whose command may be in flight
+      if (now - Number(box.dataset.toggled || 0) > 2000) {
+        box.checked = !!(ov.faults[i] & (1 << Number(box.dataset.bit)));
+      }
     }
   }
 

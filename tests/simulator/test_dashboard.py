@@ -115,7 +115,8 @@ def test_bad_commands_are_clear_errors_and_the_simulator_keeps_running(sim: Sim)
     assert status == 400
     assert sim.get("/api/turbines/wt-001")["faults"] == []
     assert sim.proc.alive()
-    assert sim.get("/healthz")["ok"] is True
+    health = sim.get("/healthz")
+    assert health["ok"] is True and health["broker_connected"] is True
 
 
 def test_a_farm_of_1000_turbines_gets_an_overview_not_1000_cards(

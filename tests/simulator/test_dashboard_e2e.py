@@ -25,6 +25,7 @@ import pytest
 
 from edgeagent.package import extract_package, load_trusted_keys
 from edgeapp.features import PreprocessingParams, prepare_windows, score
+from edgectl.demo import newest_package as newest_released
 from simulator.generator import FarmGenerator
 from tests.edgeapp.edgeapp_harness import DEV_KEYS, MODEL, Agent, App, Mosquitto, build_variant
 from tests.harness import wait_until
@@ -38,13 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def newest_package(dest: Path) -> Path:
-    """The newest ``models/wind-turbine-*.tar.gz``, verified and unpacked at ``dest``."""
-
-    def version(path: Path) -> tuple[int, ...]:
-        text = path.name.removeprefix(f"{MODEL}-").removesuffix(".tar.gz")
-        return tuple(int(p) for p in text.split("."))
-
-    archive = max((REPO / "models").glob(f"{MODEL}-*.tar.gz"), key=version)
+    """The newest ``models/wind-turbine-<version>.tar.gz``, verified and unpacked at ``dest``."""
+    archive, _version = newest_released(REPO / "models")
     extract_package(archive, dest, trusted_keys=load_trusted_keys(DEV_KEYS))
     return dest
 

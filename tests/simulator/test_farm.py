@@ -27,6 +27,16 @@ def test_payloads_are_what_the_app_accepts() -> None:
     assert f.samples_published == 3 + 9
 
 
+def test_a_long_tick_sends_only_the_recent_samples() -> None:
+    f = farm()
+    out = f.tick(100, keep=20)
+    samples = json.loads(out[0][1])["samples"]
+    assert len(samples) == 20
+    assert samples[-1]["ts"] == 1_000_000 + 99 * 50
+    assert f.samples_published == 3 * 20
+    assert len(f.detail("t0")["t"]) == 100  # the dashboard's history has them all
+
+
 def test_commands_start_stop_and_faults_by_turbine_or_all() -> None:
     f = farm(running=False)
     assert f.tick(2) == []
