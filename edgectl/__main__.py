@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import capture, cloud, demo, deploy, models, package, sim
+from edgectl.commands import capture, cloud, demo, deploy, models, ota, package, sim
 from edgectl.errors import CommandError
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_parser(sub)
     cloud.add_parser(sub)
     deploy.add_parser(sub)
+    ota.add_parser(sub)
     sim.add_parser(sub)
     demo.add_parser(sub)
     return parser

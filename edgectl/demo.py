@@ -13,9 +13,11 @@ What runs, each a process of its own (logs in ``<run dir>/logs/``):
 - the simulator (``windfarm-sim``) publishing every turbine, with the
   dashboard on loopback.
 
-Adding a process per device (e.g. the OTA updater) is one more entry in
-``Demo.device_services``: it gets the ``Device`` (its folder, socket, thing
-name) and ``self.cloud`` (``env_for(thing)`` gives the stand-in's endpoints).
+Each device also runs ``edge-ota``, connected over mutual TLS to the
+stand-in as its thing (``env_for(thing)`` gives the endpoints):
+``edgectl ota demo-deploy`` builds the next model version and creates the
+IoT job that updates every device. Adding a process per device is one more
+entry in ``Demo.device_services``.
 Stopping goes in reverse: simulator, devices (each device's services in
 reverse order), stand-in.
 """
@@ -256,7 +258,34 @@ class Demo:
             [PYTHON, "-m", "edgeapp", "--config", str(app_conf)],
             self.logs / f"{device.name}-app.log",
         )
-        return [agent, app]
+        ota = Service(
+            f"{device.name}/edge-ota",
+            [PYTHON, "-m", "ota", "--config", str(self._ota_config(device))],
+            self.logs / f"{device.name}-ota.log",
+        )
+        return [agent, app, ota]
+
+    def _ota_config(self, device: Device) -> Path:
+        """The device's edge-ota configuration: its thing on the stand-in, over mutual TLS."""
+        if self.cloud is None:
+            raise DemoError("the stand-in must run before the updaters are configured")
+        values: dict[str, object] = {
+            key.removeprefix("WINDEDGE_OTA_").lower(): value
+            for key, value in self.cloud.env_for(device.name).items()
+            if key.startswith("WINDEDGE_OTA_")
+        }
+        values.update(
+            model_name=MODEL,
+            state_dir=str(device.folder / "ota-state"),
+            models_dir=str(device.models),
+            trusted_keys=str(self.options.trusted_keys.resolve()),
+            agent_socket=str(device.socket),
+            progress_interval_s=1.0,
+            log_level="INFO",
+        )
+        path = device.folder / "ota.toml"
+        path.write_text(_toml(values).replace("[app]", "[ota]", 1))
+        return path
 
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -363,7 +392,10 @@ class Demo:
 
     def deploy_hint(self) -> str | None:
         """How to deploy a new model version to the devices (when the OTA updater runs)."""
-        return None
+        return (
+            "deploy the next model version to every device (an IoT job on the stand-in):\n"
+            f"  edgectl ota demo-deploy --run-dir {self.run_dir}"
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
