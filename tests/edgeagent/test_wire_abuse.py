@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -84,7 +84,7 @@ def connect(path: Path, timeout: float = 5.0) -> socket.socket:
 class Peer:
     """A raw HTTP/2 client: sends bytes, collects the frames the server sends."""
 
-    opened: list[Peer] = []  # closed after each test, whatever happened
+    opened: ClassVar[list[Peer]] = []  # closed after each test, whatever happened
 
     def __init__(self, path: Path, settings: dict[int, int] | None = None) -> None:
         self.sock = connect(path)
