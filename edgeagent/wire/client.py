@@ -168,6 +168,7 @@ class _Connection:
         received = 0
         headers: dict[bytes, bytes] | None = None
         stream_unacked = 0
+        ended = False  # the agent ended the stream: nothing to reset
         try:
             while True:
                 n = min(len(body) - pos, self.send_window, stream_window, self.peer_max_frame)
@@ -196,6 +197,7 @@ class _Connection:
                     if f.kind == h2.HEADERS and f.stream_id:
                         self._header_block(f, deadline)  # a stale stream's: keeps HPACK state
                 elif f.kind == h2.RST_STREAM:
+                    ended = True
                     raise _reset(f)
                 elif f.kind in (h2.HEADERS, h2.CONTINUATION):
                     decoded = self._header_block(f, deadline)
@@ -210,6 +212,7 @@ class _Connection:
                     else:
                         headers.update(decoded)
                     if f.flags & h2.END_STREAM:
+                        ended = True
                         return self._result(headers, response)
                 elif f.kind == h2.DATA:
                     data = h2.strip_padding(f)
@@ -223,12 +226,14 @@ class _Connection:
                             f"{self.max_message_bytes} bytes",
                         )
                     if f.flags & h2.END_STREAM:
+                        ended = True
                         raise CallError(Status.INTERNAL, "the response ended without status")
                     if stream_unacked >= _STREAM_WINDOW // 2:
                         self._send(h2.window_update(sid, stream_unacked))
                         stream_unacked = 0
         except CallError:
-            self._reset_quietly(sid)
+            if not ended:
+                self._reset_quietly(sid)
             raise
         except TimeoutError:
             self.close()

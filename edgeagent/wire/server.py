@@ -823,18 +823,20 @@ class _Connection:
             raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of wrong size")
         if self._idle(sid):
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-        # rapid reset (CVE-2023-44487): a burst of resets, then a sane rate
+        with self.lock:
+            stream = self.streams.get(sid)
+            dropped = stream is not None and self._drop_locked(stream, by_us=False)
+        if dropped:
+            self.server.call_done()
+        if stream is None:
+            return  # closed already: nothing to cancel, nothing to count
+        # rapid reset (CVE-2023-44487): open streams reset in a burst, then at a sane rate
         now = time.monotonic()
         tokens = min(float(_RESET_BURST), self.reset_tokens + (now - self.reset_at) * _RESET_RATE)
         self.reset_at = now
         if tokens < 1.0:
             raise h2.ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many stream resets")
         self.reset_tokens = tokens - 1.0
-        with self.lock:
-            stream = self.streams.get(sid)
-            dropped = stream is not None and self._drop_locked(stream, by_us=False)
-        if dropped:
-            self.server.call_done()
 
     def _on_priority(self, f: h2.Frame, out: list[bytes]) -> None:
         """PRIORITY is deprecated (RFC 9113 section 5.3.2) and ignored, once checked."""

@@ -25,6 +25,7 @@ import pytest
 
 from edgeagent._proto import agent_pb2 as pb
 from edgeagent.client import AgentClient
+from edgeagent.errors import NotFoundError
 from edgeagent.wire import h2
 from edgeagent.wire.h2 import ErrorCode
 from edgeagent.wire.server import Method, Server
@@ -482,3 +483,12 @@ def test_stream_window_overflow_is_a_flow_control_error(agent: Any) -> None:
     peer.send(call_frames(3, predict_body(1)))
     peer.wait_for(is_trailers(3))
     peer.close()
+
+
+def test_many_error_answers_are_not_taken_for_rapid_reset(agent: Any) -> None:
+    """An error ends its stream: a client that gets hundreds in a row is served as usual."""
+    with AgentClient(agent.socket, timeout=10) as client:
+        for _ in range(3 * 200):
+            with pytest.raises(NotFoundError):
+                client.describe_model("not-loaded")
+        assert client.predict("wt", windows(1)).shape == (1, 6, 10, 10)
