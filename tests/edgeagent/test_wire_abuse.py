@@ -27,6 +27,7 @@ from edgeagent._proto import agent_pb2 as pb
 from edgeagent.client import AgentClient
 from edgeagent.errors import NotFoundError
 from edgeagent.wire import h2
+from edgeagent.wire.client import CallError, Channel
 from edgeagent.wire.h2 import ErrorCode
 from edgeagent.wire.server import Method, Server
 from tests.harness import short_dir
@@ -492,3 +493,26 @@ def test_many_error_answers_are_not_taken_for_rapid_reset(agent: Any) -> None:
             with pytest.raises(NotFoundError):
                 client.describe_model("not-loaded")
         assert client.predict("wt", windows(1)).shape == (1, 6, 10, 10)
+
+
+def test_a_client_over_the_connection_cap_is_told_why(wire: Any) -> None:
+    path, _ = wire({"/t.T/Echo": Method(parse=bytes, unary=bytes)}, max_connections=1)
+    holder = Peer(path)
+    pong(holder)  # served: it holds the only place
+    channel = Channel(path, max_message_bytes=1 << 20)
+    try:
+        with pytest.raises(CallError) as refused:
+            channel.unary("/t.T/Echo", b"hello", timeout=5)
+        assert refused.value.code == h2.Status.UNAVAILABLE
+        assert "at most 1 connections" in refused.value.message
+        holder.close()
+        deadline = time.monotonic() + 5
+        while True:  # the place is free once the server has seen the close
+            try:
+                assert bytes(channel.unary("/t.T/Echo", b"hello", timeout=5)) == b"hello"
+                break
+            except CallError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        channel.close()
