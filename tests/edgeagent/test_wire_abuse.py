@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pytest
+from wire_helpers import PREDICT_HEADERS, predict_request, windows
 
-from edgeagent._proto import agent_pb2 as pb
 from edgeagent.client import AgentClient
 from edgeagent.errors import NotFoundError
 from edgeagent.wire import h2
@@ -35,34 +34,9 @@ from tests.harness import short_dir
 STALL = 1.0  # the module agent's send_stall_seconds
 HANDSHAKE = 1.0  # the module agent's handshake_timeout_seconds
 
-PREDICT_HEADERS = h2.encode_headers(
-    [
-        (b":method", b"POST"),
-        (b":scheme", b"http"),
-        (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
-        (b"content-type", b"application/grpc"),
-    ]
-)
-
-
-def windows(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
-    return np.random.default_rng(seed).standard_normal((n, 6, 10, 10), dtype=np.float32)
-
 
 def predict_body(n: int) -> bytes:
-    x = windows(n)
-    request = pb.PredictRequest(
-        name="wt",
-        tensors=[
-            pb.Tensor(
-                tensor_metadata=pb.TensorMetadata(
-                    name="input", data_type=pb.FLOAT32, shape=[-1, 6, 10, 10]
-                ),
-                byte_data=x.tobytes(),
-            )
-        ],
-    )
-    return h2.message(request.SerializeToString())
+    return h2.message(predict_request(windows(n)).SerializeToString())
 
 
 def call_frames(sid: int, body: bytes, headers: bytes = PREDICT_HEADERS) -> bytes:
@@ -326,7 +300,7 @@ def test_zero_window_readers_do_not_tie_up_the_workers(agent: Any) -> None:
         with AgentClient(agent.socket, timeout=5) as client:
             started = time.monotonic()
             assert client.predict("wt", windows(300)).shape == (300, 6, 10, 10)
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 3.0  # alone: ~0.1 s; stuck today: never
         for sid in sids:  # each waits at most STALL, a few workers at a time
             hostile.wait_for(is_rst(sid, ErrorCode.CANCEL), timeout=10 * STALL + 5)
         pong(hostile)  # the connection itself is fine
