@@ -64,7 +64,7 @@ _MAX_CONTINUATIONS = 16  # CONTINUATION frames one header block may take
 _RESET_BURST = 200  # stream resets a connection may send at once ...
 _RESET_RATE = 50.0  # ... and per second after that (nghttp2: 1000 and 33)
 _RECENTLY_CLOSED = 1024  # streams we ended early whose late frames are ignored
-_REFUSED_LOG_EVERY = 10.0  # seconds between warnings about refused connections
+_WARN_EVERY = 10.0  # seconds between warnings about the same kind of abuse
 
 # receive buffers, lent to a reader while it copies what arrived: an idle
 # connection waits in poll() and holds none
@@ -161,6 +161,27 @@ def _take_buffer() -> bytearray:
 def _give_buffer(buffer: bytearray) -> None:
     if len(_buffers) < 8:
         _buffers.append(buffer)
+
+
+class _Tally:
+    """Counts one kind of event caused by clients and logs it at most every
+    ``_WARN_EVERY`` seconds, so that a hostile client cannot flood the journal."""
+
+    def __init__(self, event: str, **fields: object) -> None:
+        self._event = event
+        self._fields = fields
+        self._lock = threading.Lock()
+        self._count = 0
+        self._logged = -_WARN_EVERY
+
+    def add(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._count += 1
+            if now - self._logged < _WARN_EVERY:
+                return
+            count, self._count, self._logged = self._count, 0, now
+        log.warning(self._event, count=count, **self._fields)
 
 
 class _Connection:
@@ -292,7 +313,7 @@ class _Connection:
                             return False
                         parts = []
                         if waited >= stall:
-                            self._stalled_locked(stream, waited)
+                            self._stalled_locked(stream)
                             return False
                         began = time.monotonic()
                         self.window_open.wait(min(1.0, stall - waited))
@@ -309,12 +330,8 @@ class _Connection:
                     return False
         return True
 
-    def _stalled_locked(self, stream: _Stream, waited: float) -> None:
-        log.warning(
-            "a client gave no flow-control window for its answer: stream reset",
-            stream=stream.sid,
-            waited_s=round(waited, 1),
-        )
+    def _stalled_locked(self, stream: _Stream) -> None:
+        self.server.stalled.add()
         stream.closed = True
         stream.remote_done = True
         self.streams.pop(stream.sid, None)
@@ -517,7 +534,7 @@ class _Connection:
                         raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {size} bytes")
                     need += size
         except TimeoutError:
-            log.debug("dropping a connection that did not complete its handshake in time")
+            self.server.slow_handshakes.add()
             return False
         finally:
             self.sock.settimeout(None)
@@ -899,8 +916,17 @@ class Server:
         self._in_flight = 0
         self._connections: dict[_Connection, threading.Thread] = {}
         self._acceptor: threading.Thread | None = None
-        self._refused = 0
-        self._refused_logged = 0.0
+        self.refused = _Tally(
+            "connections refused: the agent is at its limit", max_connections=max_connections
+        )
+        self.slow_handshakes = _Tally(
+            "connections dropped: no HTTP/2 preface and SETTINGS in time",
+            handshake_timeout_s=handshake_timeout,
+        )
+        self.stalled = _Tally(
+            "streams reset: the client gave no flow-control window for its answer",
+            send_stall_s=send_stall,
+        )
 
     @property
     def stopping(self) -> bool:
@@ -968,16 +994,7 @@ class Server:
             )
             sock.shutdown(socket.SHUT_WR)
         sock.close()
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= _REFUSED_LOG_EVERY:
-            log.warning(
-                "connections refused: the agent is at its limit",
-                max_connections=self.max_connections,
-                refused=self._refused,
-            )
-            self._refused = 0
-            self._refused_logged = now
+        self.refused.add()
 
     def forget(self, conn: _Connection) -> None:
         with self._lock:
