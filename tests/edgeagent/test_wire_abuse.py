@@ -304,6 +304,7 @@ def test_zero_window_readers_do_not_tie_up_the_workers(agent: Any) -> None:
         for sid in sids:  # each waits at most STALL, a few workers at a time
             hostile.wait_for(is_rst(sid, ErrorCode.CANCEL), timeout=10 * STALL + 5)
         pong(hostile)  # the connection itself is fine
+        assert "streams reset: the client gave no flow-control window" in agent.output()
     finally:
         hostile.close()
 
@@ -362,6 +363,10 @@ def test_two_thousand_connections_are_capped_and_cheap(start_agent: Any, package
     assert grown_mb < 8, f"RSS grew by {grown_mb:.1f} MB ({before} -> {after} KiB)"
     assert max(latencies) < 1.0, sorted(latencies)[-3:]
     assert agent.alive()
+    log = agent.output()  # said in the journal, a line per 10 s at most
+    assert "connections refused: the agent is at its limit" in log
+    assert "connections dropped: no HTTP/2 preface and SETTINGS in time" in log
+    assert log.count("connections refused") < 10
 
 
 def test_a_slow_preface_is_dropped_after_the_handshake_timeout(agent: Any) -> None:
