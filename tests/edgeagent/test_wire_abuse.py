@@ -495,3 +495,38 @@ def test_a_client_over_the_connection_cap_is_told_why(wire: Any) -> None:
                 time.sleep(0.05)
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        (h2.window_update(0, 0), ErrorCode.PROTOCOL_ERROR),  # increment 0 on the connection
+        (h2.window_update(9, 1), ErrorCode.PROTOCOL_ERROR),  # on a stream never opened
+        (h2.rst_stream(9, ErrorCode.CANCEL), ErrorCode.PROTOCOL_ERROR),  # the same
+        (h2.frame(h2.PING, 0, 1, b"12345678"), ErrorCode.PROTOCOL_ERROR),  # PING on a stream
+        (  # a new initial window that overflows an open stream's window
+            h2.frame(h2.HEADERS, h2.END_HEADERS, 1, PREDICT_HEADERS)
+            + h2.window_update(1, h2.MAX_WINDOW - h2.DEFAULT_WINDOW)
+            + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: h2.MAX_WINDOW}),
+            ErrorCode.FLOW_CONTROL_ERROR,
+        ),
+    ],
+    ids=["window-update-0", "window-update-idle", "rst-idle", "ping-on-stream", "settings-window"],
+)
+def test_connection_errors_of_rfc_9113(agent: Any, frames: bytes, code: ErrorCode) -> None:
+    peer = Peer(agent.socket)
+    peer.send(frames)
+    peer.wait_for(is_goaway(code))
+    peer.until_closed()
+
+
+def test_stream_errors_leave_the_connection_serving(agent: Any) -> None:
+    peer = Peer(agent.socket)
+    peer.send(h2.frame(h2.HEADERS, h2.END_HEADERS, 1, PREDICT_HEADERS))
+    peer.send(h2.window_update(1, 0))  # increment 0 on a stream
+    peer.wait_for(is_rst(1, ErrorCode.PROTOCOL_ERROR))
+    peer.send(h2.frame(h2.HEADERS, h2.END_HEADERS, 3, PREDICT_HEADERS))
+    peer.send(h2.frame(h2.PRIORITY, 0, 3, b"\0\0"))  # PRIORITY of the wrong size
+    peer.wait_for(is_rst(3, ErrorCode.FRAME_SIZE_ERROR))
+    peer.send(call_frames(5, predict_body(1)))
+    peer.wait_for(is_trailers(5))
