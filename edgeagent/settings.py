@@ -81,6 +81,30 @@ class AgentSettings(EnvOverFileSettings):
     )
     max_models: int = Field(16, ge=1, description="How many models may be loaded at once.")
     workers: int = Field(8, ge=1, description="gRPC worker threads (concurrent requests).")
+    connection_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Calls one connection may run on the workers at once (None: half the workers), "
+            "so that one client cannot hold them all."
+        ),
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Connections served at once; more are refused with GOAWAY."
+    )
+    handshake_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Time a new connection has for its HTTP/2 preface and first SETTINGS.",
+    )
+    send_stall_seconds: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Time a response may wait in all for a client's flow-control window (then its "
+            "stream is reset), and one blocked write (then the connection is dropped)."
+        ),
+    )
     golden_check: bool = Field(
         True, description="Run the package's golden input before a model serves."
     )

@@ -70,17 +70,21 @@ class _Connection:
         self.cancelled = False
         self._pending: deque[h2.Frame] = deque()
         self._headers_cache: dict[str, bytes] = {}
-        self._send(
-            h2.PREFACE
-            + h2.settings_frame(
-                {
-                    h2.ENABLE_PUSH: 0,
-                    h2.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                    h2.MAX_FRAME_SIZE: _MAX_FRAME,
-                }
+        try:
+            self._send(
+                h2.PREFACE
+                + h2.settings_frame(
+                    {
+                        h2.ENABLE_PUSH: 0,
+                        h2.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                        h2.MAX_FRAME_SIZE: _MAX_FRAME,
+                    }
+                )
+                + h2.window_update(0, _CONN_WINDOW - h2.DEFAULT_WINDOW)
             )
-            + h2.window_update(0, _CONN_WINDOW - h2.DEFAULT_WINDOW)
-        )
+        except (_BrokenError, TimeoutError) as exc:
+            self.close()
+            raise CallError(Status.UNAVAILABLE, str(exc) or "the agent did not answer") from None
 
     def close(self) -> None:
         self.usable = False
@@ -112,7 +116,24 @@ class _Connection:
         except BlockingIOError:
             raise TimeoutError from None
         except OSError as exc:
-            raise _BrokenError(f"the agent closed the connection: {exc}") from None
+            reason = self._goaway_reason() or f"the agent closed the connection: {exc}"
+            raise _BrokenError(reason) from None
+
+    def _goaway_reason(self) -> str | None:
+        """Why the agent hung up, if a GOAWAY it sent is still unread (e.g. over its
+        connection limit)."""
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536, socket.MSG_DONTWAIT):
+                data += chunk
+        try:
+            frames = [*self._pending, *self.reader.feed(data)]
+        except h2.ProtocolError:
+            return None
+        for f in frames:
+            if f.kind == h2.GOAWAY and len(f.payload) >= 8:
+                return _gone(f.payload).message
+        return None
 
     def _next_frame(self, deadline: float) -> h2.Frame:
         """The next frame; connection-level control is handled here, and the frame returned."""
@@ -179,6 +200,7 @@ class _Connection:
         received = 0
         headers: dict[bytes, bytes] | None = None
         stream_unacked = 0
+        ended = False  # the agent ended the stream: nothing to reset
         try:
             while True:
                 n = min(len(body) - pos, self.send_window, stream_window, self.peer_max_frame)
@@ -202,11 +224,12 @@ class _Connection:
                 elif f.kind == h2.GOAWAY and len(f.payload) >= 8:
                     last_sid = struct.unpack(">I", f.payload[:4])[0] & 0x7FFF_FFFF
                     if sid > last_sid:
-                        raise CallError(Status.UNAVAILABLE, "the agent is shutting down")
+                        raise _gone(f.payload)
                 elif f.stream_id != sid:
                     if f.kind == h2.HEADERS and f.stream_id:
                         self._header_block(f, deadline)  # a stale stream's: keeps HPACK state
                 elif f.kind == h2.RST_STREAM:
+                    ended = True
                     raise _reset(f)
                 elif f.kind in (h2.HEADERS, h2.CONTINUATION):
                     decoded = self._header_block(f, deadline)
@@ -221,6 +244,7 @@ class _Connection:
                     else:
                         headers.update(decoded)
                     if f.flags & h2.END_STREAM:
+                        ended = True
                         return self._result(headers, response)
                 elif f.kind == h2.DATA:
                     data = h2.strip_padding(f)
@@ -234,12 +258,14 @@ class _Connection:
                             f"{self.max_message_bytes} bytes",
                         )
                     if f.flags & h2.END_STREAM:
+                        ended = True
                         raise CallError(Status.INTERNAL, "the response ended without status")
                     if stream_unacked >= _STREAM_WINDOW // 2:
                         self._send(h2.window_update(sid, stream_unacked))
                         stream_unacked = 0
         except CallError:
-            self._reset_quietly(sid)
+            if not ended:
+                self._reset_quietly(sid)
             raise
         except TimeoutError:
             self.close()
@@ -292,6 +318,15 @@ class _Connection:
             self._send(h2.rst_stream(sid, ErrorCode.CANCEL))
         except (_BrokenError, TimeoutError):
             self.close()
+
+
+def _gone(goaway: bytes) -> CallError:
+    """The agent will not serve this call on this connection (GOAWAY)."""
+    code = struct.unpack(">I", goaway[4:8])[0]
+    if code == ErrorCode.NO_ERROR:
+        return CallError(Status.UNAVAILABLE, "the agent is shutting down")
+    reason = goaway[8:].decode("utf-8", "replace") or f"HTTP/2 error {code}"
+    return CallError(Status.UNAVAILABLE, f"the agent closed the connection: {reason}")
 
 
 def _reset(f: h2.Frame) -> CallError:
