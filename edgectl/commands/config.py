@@ -50,6 +50,7 @@ PROCESSES: dict[str, Process] = {
     for p in (
         Process("agent", "edgeagent.settings:AgentSettings"),
         Process("app", "edgeapp.settings:AppSettings"),
+        Process("ota", "ota.settings:OtaSettings"),
     )
 }
 
