@@ -8,6 +8,7 @@ root, windedge and mosquitto) and systemd's offline tools.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -90,14 +91,22 @@ def new_device_root(base: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def staged() -> Iterator[Staged]:
+@contextlib.contextmanager
+def device_root(prefix: str) -> Iterator[tuple[Path, Path]]:
+    """(scratch directory, an empty device root in it); skips where installing cannot run."""
     reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
-    base = short_dir("we-dev-")
+    base = short_dir(prefix)
     try:
-        root = new_device_root(base)
+        yield base, new_device_root(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def staged() -> Iterator[Staged]:
+    with device_root("we-dev-") as (base, root):
         pki = make_pki(base / "pki", clients=("turbine-farm-01",))
         proc = run_install(
             root,
@@ -111,5 +120,3 @@ def staged() -> Iterator[Staged]:
             pki.ca,
         )
         yield Staged(root=root, pki=pki, output=proc.stderr)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

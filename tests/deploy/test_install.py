@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import (
     DEV_PUBLIC_KEY,
     MOSQUITTO_UID,
     REPO,
     UNITS,
     Staged,
+    device_root,
     ids,
-    missing_prerequisite,
-    new_device_root,
     run_install,
 )
-
-from tests.harness import short_dir
 
 # path -> (kind, mode, owner, group); owners are names looked up in the staged /etc/passwd
 EXPECTED: dict[str, tuple[str, int, str, str]] = {
@@ -189,12 +184,7 @@ def test_running_again_changes_nothing_and_keeps_edits(staged: Staged) -> None:
 
 
 def test_uninstall_keeps_state_and_purge_removes_it() -> None:
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    base = short_dir("we-uninst-")
-    try:
-        root = new_device_root(base)
+    with device_root("we-uninst-") as (_base, root):
         # a device installed earlier: the tree without the (slow to build) venv
         for rel in ("etc/sysusers.d", "etc/tmpfiles.d", "etc/systemd/system"):
             (root / rel).mkdir(parents=True)
@@ -243,5 +233,3 @@ def test_uninstall_keeps_state_and_purge_removes_it() -> None:
         assert "windedge" not in ids(root, "passwd")
         assert "windedge" not in ids(root, "group")
         assert ids(root, "passwd")["mosquitto"] == MOSQUITTO_UID
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
