@@ -7,6 +7,10 @@ as constructor arguments; ``WINDEDGE_<PROCESS>_*`` environment variables
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+from typing import Any
+
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 
@@ -23,3 +27,22 @@ class EnvOverFileSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (env_settings, init_settings)
+
+
+def read_toml_table(path: Path, table: str) -> dict[str, Any]:
+    """The settings of a TOML file: flat, or under a ``[table]`` table.
+
+    Raises ValueError with the file name and what is wrong.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from exc
+    section = data.get(table, data)
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: [{table}] must be a table")
+    return dict(section)

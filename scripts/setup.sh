@@ -18,6 +18,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 # and systemd-nspawn to boot the installed units under a real systemd
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
+# the dashboard's browser tests drive Debian's headless chromium through Playwright
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -55,9 +57,9 @@ fi
 stamp=.venv/.windedge-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing windedge (editable, dev extras) into .venv"
+  log "installing windedge (editable, dev and local extras) into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[dev]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
+  .venv/bin/python -m pip install -q -e '.[dev,local]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
   .venv/bin/python -c 'import edgeagent, onnxruntime, grpc' # fail loudly if the install did not work
   echo "$want" > "$stamp"
 fi

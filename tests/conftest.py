@@ -44,6 +44,7 @@ from edgeagent.package import (
     sign,
 )
 from tests.harness import short_dir, toml_text
+from tests.localcloud import local_cloud, new_thing, start_local_cloud  # noqa: F401 - shared fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
