@@ -208,6 +208,20 @@ def test_agent_runs_in_the_sandbox_its_unit_declares(machine: Machine) -> None:
     assert any(" /usr " in line and " ro" in line for line in mounts.splitlines())
 
 
+def test_the_updater_starts_from_its_unit_confined_like_the_others(machine: Machine) -> None:
+    if "edge-ota" not in (REPO / "pyproject.toml").read_text():
+        pytest.skip("edge-ota is not part of this version")
+    wait_until(
+        lambda: machine.run("systemctl", "is-active", "windedge-ota", check=False) == "active",
+        BOOT_TIMEOUT,
+        "windedge-ota active (READY=1 received)",
+    )
+    status = machine.process_status("windedge-ota.service")
+    assert status["Uid"].split()[0] == machine.run("id", "-u", "windedge")
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert int(status["CapEff"], 16) == 0
+
+
 def test_app_follows_the_agent_and_the_watchdog_restarts_a_frozen_app(machine: Machine) -> None:
     def status() -> str:
         return machine.show("windedge-app", "StatusText")
