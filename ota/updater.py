@@ -313,7 +313,7 @@ class Updater:
                     log.warning("download interrupted", error=str(exc))
                     self._progress(record, force=True)  # also notices a cancellation
                     raise
-        log.info("downloaded", bytes=got.size, sha256=got.sha256)
+        log.info("downloaded", source=doc.source, bytes=got.size, sha256=got.sha256)
         crash_point("download:complete")
 
     def _verify(self, record: Record) -> None:

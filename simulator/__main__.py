@@ -1,4 +1,4 @@
-"""windfarm-sim: the wind farm simulator (composition root).
+"""windfarm-sim: the wind farm simulator, and its composition root.
 
 ``windfarm-sim [run]`` publishes every turbine's samples to the broker and
 serves the dashboard; ``windfarm-sim record`` writes a run to CSV. Exit codes:
@@ -49,7 +49,7 @@ def add_arguments(
     run_p.add_argument("--mqtt-port", type=int, help="broker port (1883)")
     run_p.add_argument("--http-port", type=int, help="dashboard port on loopback (8080)")
     run_p.add_argument("--duration", type=float, dest="duration_s", help="stop after S seconds")
-    run_p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    run_p.add_argument("--log-level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR")
     run_p.set_defaults(sim_func=run_args)
 
     rec = sub.add_parser("record", help="write a run of the generator to CSV")

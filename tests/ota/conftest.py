@@ -196,14 +196,17 @@ class Device:
     def config_path(self) -> Path:
         return self.base / "ota.toml"
 
-    def start_ota(self, *, crash_at: str | None = None, **overrides: Any) -> OtaProcess:
+    def start_ota(
+        self, *, crash_at: str | None = None, env: dict[str, str] | None = None, **overrides: Any
+    ) -> OtaProcess:
         config = {**self.settings, **overrides}
         self.config_path.write_text("[ota]\n" + toml_text(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
-        env["PYTHONUNBUFFERED"] = "1"
-        env["AWS_EC2_METADATA_DISABLED"] = "true"
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
+        child_env["PYTHONUNBUFFERED"] = "1"
+        child_env["AWS_EC2_METADATA_DISABLED"] = "true"
+        child_env.update(env or {})
         if crash_at:
-            env["WINDEDGE_OTA_CRASH_AT"] = crash_at
+            child_env["WINDEDGE_OTA_CRASH_AT"] = crash_at
         log = self.base / f"ota-{time.monotonic_ns()}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -211,7 +214,7 @@ class Device:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=child_env,
                 cwd=self.base,
                 start_new_session=True,
             )
@@ -219,8 +222,12 @@ class Device:
         self.processes.append(ota)
         return ota
 
-    def deploy(self, archive: Archive | None, **document: Any) -> str:
-        """Create a job with the original workshop's document (plus ``document``)."""
+    def deploy(self, archive: Archive | None, *, presigned: bool = False, **document: Any) -> str:
+        """Create a job with the original workshop's document (plus ``document``).
+
+        ``presigned``: the document also carries an IoT presigned-URL placeholder of
+        the object, which the emulator replaces with a fresh URL at each delivery.
+        """
         job_id = f"{self.thing}-job-{next(_counter)}"
         doc: dict[str, Any] = {"type": "new_model", "model_name": MODEL}
         if archive is not None:
@@ -229,9 +236,18 @@ class Device:
                 model_package_bucket=self.cloud.endpoints.bucket,
                 model_package_key=archive.key,
             )
+        if presigned and archive is not None:
+            ep = self.cloud.endpoints
+            s3_url = f"https://s3.{ep.region}.amazonaws.com/{ep.bucket}/{archive.key}"
+            doc["model_package_url"] = "${aws:iot:s3-presigned-url:" + s3_url + "}"
         doc.update(document)
         doc = {k: v for k, v in doc.items() if v is not None}
-        self.cloud.jobs.create_job(job_id, targets=[self.thing], document=doc)
+        self.cloud.jobs.create_job(
+            job_id,
+            targets=[self.thing],
+            document=doc,
+            presigned_url_config={"expiresInSec": 600} if presigned else None,
+        )
         return job_id
 
     def execution(self, job_id: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -25,7 +26,12 @@ def edgectl(dev: Device, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_status_and_check(device: MakeDevice, archives: Archives) -> None:
     dev = device()
-    ota = dev.start_ota()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(dev.base / "notify.sock"))
+    notify.settimeout(30)
+    ota = dev.start_ota(env={"NOTIFY_SOCKET": str(dev.base / "notify.sock")})
+    assert notify.recv(4096).startswith(b"READY=1")  # Type=notify: systemd knows it is up
+    notify.close()
     job = dev.deploy(archives.get("2.0"))
     assert dev.wait_final(job)["status"] == "SUCCEEDED"
     rejected = dev.deploy(archives.get("0.9"))
@@ -55,7 +61,7 @@ def test_status_and_check(device: MakeDevice, archives: Archives) -> None:
         10,
         "the updater to ask for jobs",
     )
-    ota.stop()
+    assert ota.stop() == 0  # SIGTERM: a clean stop
     out = edgectl(dev, "check")
     assert out.returncode == 1 and "not running" in out.stderr
     assert "Traceback" not in out.stderr

@@ -279,16 +279,26 @@ def test_broker_restart_mid_job(
     assert dev.serving() == "2.0"
 
 
-def test_duplicate_and_later_jobs_after_a_restart(device: MakeDevice, archives: Archives) -> None:
-    """A restarted updater takes the next job, and never runs a finished one again."""
-    dev = device()
+def test_restart_prune_reconcile_and_presigned_urls(device: MakeDevice, archives: Archives) -> None:
+    """A restarted updater takes the next job, never re-runs a finished one, prunes old
+    versions (never the serving one or its predecessor), and reloads the committed
+    version into an agent that serves nothing."""
+    dev = device(keep_versions=2)
     first = dev.start_ota()
-    job2 = dev.deploy(archives.get("2.0"))
+    job2 = dev.deploy(archives.get("2.0"), presigned=True)  # fetched by URL, not boto3
     assert dev.wait_final(job2)["status"] == "SUCCEEDED"
+    (fetched,) = [e for e in first.events() if e.get("event") == "downloaded"]
+    assert fetched["source"].startswith("http://127.0.0.1:")  # the minted URL, not s3://
     first.stop()
     dev.start_ota()
     job3 = dev.deploy(archives.get("3.0", seed=2))
     assert dev.wait_final(job3)["status"] == "SUCCEEDED"
     assert dev.serving() == "3.0"
-    assert dev.watch.finals(job2) == ["SUCCEEDED"]
-    assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["1.0", "2.0", "3.0"]
+    assert dev.watch.finals(job2) == ["SUCCEEDED"]  # the restart did not report it again
+    assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
+
+    dev.agent.client.unload_model(MODEL)  # the agent lost its model (e.g. its state)
+    dev.processes[-1].stop()
+    dev.start_ota()
+    wait_until(lambda: dev.agent.client.list_models() != [], 20, "the committed version back")
+    assert dev.serving() == "3.0"

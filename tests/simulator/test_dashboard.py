@@ -139,3 +139,39 @@ def test_a_farm_of_1000_turbines_gets_an_overview_not_1000_cards(
             assert watch.errors == [] and watch.remote == []
     finally:
         assert big.stop() == 0
+
+
+def test_mqtt_control_topics_start_stop_and_inject_faults(sim: Sim, broker: Mosquitto) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="control-test")
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+
+        def send(turbine: str, body: bytes) -> None:
+            client.publish(f"windedge-sim/{turbine}/control", body, qos=1).wait_for_publish(5)
+
+        send("wt-005", b'{"action": "start"}')
+        wait_until(lambda: sim.get("/api/turbines/wt-005")["running"], 5, what="started")
+        send("wt-005", b'{"action": "fault", "kind": "rotor_imbalance", "intensity": 4}')
+        wait_until(
+            lambda: (
+                sim.get("/api/turbines/wt-005")["faults"]
+                == [{"kind": "rotor_imbalance", "intensity": 4.0, "field": "rps"}]
+            ),
+            5,
+            what="fault by MQTT",
+        )
+        send("wt-005", b"{garbage")  # refused, logged; the simulator carries on
+        send("wt-404", b'{"action": "start"}')
+        send("all", b'{"action": "clear"}')
+        send("wt-005", b'{"action": "stop"}')
+        wait_until(lambda: not sim.get("/api/turbines/wt-005")["running"], 5, what="stopped")
+        assert sim.get("/api/turbines/wt-005")["faults"] == []
+        assert sim.proc.alive()
+        assert "command rejected" in sim.proc.output()
+    finally:
+        client.disconnect()
+        client.loop_stop()
