@@ -44,6 +44,8 @@ EXPECTED: dict[str, tuple[str, int, str, str]] = {
     "opt/windedge/bin/edge-agent": ("f", 0o755, "root", "root"),
     "opt/windedge/bin/edge-app": ("f", 0o755, "root", "root"),
     "opt/windedge/bin/edgectl": ("f", 0o755, "root", "root"),
+    # the units' Documentation=
+    "opt/windedge/share/doc/windedge/operations.md": ("f", 0o644, "root", "root"),
 }
 if (REPO / "config" / "ota.toml").exists():
     EXPECTED["etc/windedge/ota.toml"] = ("f", 0o640, "root", "windedge")
