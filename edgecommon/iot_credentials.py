@@ -88,9 +88,7 @@ class IotCredentialsConfig:
         if not alias or not _ROLE_ALIAS_RE.fullmatch(alias):
             raise ValueError("IoT credentials provider needs a role alias")
         if cert_file is None or key_file is None:
-            raise ValueError(
-                "IoT credentials provider needs the device certificate and key file"
-            )
+            raise ValueError("IoT credentials provider needs the device certificate and key file")
         return cls(
             host=parsed.hostname,
             port=parsed.port or 443,
@@ -165,8 +163,6 @@ def iot_credential_provider(config: IotCredentialsConfig) -> CredentialProvider:
             )
 
     return IotCredentialProvider()
-
-
 
 
 def make_s3_client(
