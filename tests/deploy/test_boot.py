@@ -40,6 +40,8 @@ def cannot_boot() -> str | None:
         return reason
     if NSPAWN is None:
         return "systemd-nspawn missing: scripts/setup.sh installs systemd-container"
+    if shutil.which("nsenter") is None:
+        return "nsenter (util-linux) missing: the test runs commands inside the container with it"
     if not all(Path(f"/{d}").is_symlink() for d in ("bin", "sbin", "lib")):
         return "the host's /usr is not merged: its /usr alone cannot boot a container"
     probe = short_dir("we-probe-")
