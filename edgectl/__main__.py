@@ -37,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = type(exc).__name__.removesuffix("Error") or "Error"
         print(f"edgectl: {kind}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # the file system said no (permissions, a full disk, I/O): its own
+        # words, never a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"edgectl: {type(exc).__name__}:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -296,6 +296,12 @@ def _resign(package: Path, key: Ed25519PrivateKey, **changes: Any) -> None:
     (package / "manifest.sig").write_bytes(sign(data, key))
 
 
+@pytest.fixture(scope="session")
+def resign() -> Callable[..., None]:
+    """``resign(package_dir, key, **manifest changes)``: fresh hashes, signed again."""
+    return _resign
+
+
 def _large_onnx(path: Path, megabytes: int) -> Path:
     """input [N, 6, 10, 10] -> input + 0 * sum(big): a model that is slow to load."""
     from onnx import TensorProto, helper, numpy_helper

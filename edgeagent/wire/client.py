@@ -4,6 +4,9 @@ Each call borrows a connection from a small pool, runs one stream on it from
 start to finish on the calling thread and gives it back, so concurrent
 callers use separate connections and no call waits for a background thread.
 A deadline is enforced here: the stream is reset and the connection dropped.
+``Channel.close`` also ends the calls in flight (their sockets are shut down,
+the callers get CANCELLED at once), so a process stopping while the agent hangs
+never waits out a deadline.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class _Connection:
             sock.connect(str(path))
         except OSError as exc:
             sock.close()
-            raise CallError(Status.UNAVAILABLE, f"no agent answering on {path}: {exc}") from None
+            raise CallError(Status.UNAVAILABLE, _unreachable(path, exc)) from None
         # blocking mode with kernel timeouts: a timed-out recv/send fails with EAGAIN.
         # (Python's own timeout mode adds a poll() before every recv and send.)
         sock.settimeout(None)
@@ -64,6 +67,7 @@ class _Connection:
         self.peer_max_frame = h2.DEFAULT_MAX_FRAME
         self.recv_unacked = 0
         self.usable = True
+        self.cancelled = False
         self._pending: deque[h2.Frame] = deque()
         self._headers_cache: dict[str, bytes] = {}
         self._send(
@@ -82,6 +86,13 @@ class _Connection:
         self.usable = False
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def cancel(self) -> None:
+        """From another thread: end the call in flight (a blocked recv/send returns at once)."""
+        self.cancelled = True
+        self.usable = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def set_timeout(self, seconds: float) -> None:
         """Bound each blocking recv/send by ``seconds`` (the call's deadline is checked too)."""
@@ -232,9 +243,13 @@ class _Connection:
             raise
         except TimeoutError:
             self.close()
+            if self.cancelled:
+                raise _cancelled() from None
             raise CallError(Status.DEADLINE_EXCEEDED, "the agent did not answer in time") from None
         except _BrokenError as exc:
             self.close()
+            if self.cancelled:
+                raise _cancelled() from None
             raise CallError(Status.UNAVAILABLE, str(exc)) from None
         except h2.ProtocolError as exc:
             self.close()
@@ -288,6 +303,23 @@ def _reset(f: h2.Frame) -> CallError:
     return CallError(Status.INTERNAL, f"the agent reset the call (HTTP/2 error {code})")
 
 
+def _unreachable(path: Path, exc: OSError) -> str:
+    """Why nothing answers on ``path``, in the words an operator acts on."""
+    if isinstance(exc, FileNotFoundError):
+        why = "the socket does not exist (is edge-agent running? is the path right?)"
+    elif isinstance(exc, ConnectionRefusedError):
+        why = "nothing listens on the socket (edge-agent stopped?)"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied (is this user in the agent's group?)"
+    else:
+        why = str(exc)
+    return f"no agent answering on {path}: {why}"
+
+
+def _cancelled() -> CallError:
+    return CallError(Status.CANCELLED, "the client was closed")
+
+
 class Channel:
     """Unary calls to one Unix socket. Thread-safe."""
 
@@ -295,6 +327,7 @@ class Channel:
         self.path = path
         self.max_message_bytes = max_message_bytes
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()  # carrying a call: close() cancels them
         self._lock = threading.Lock()
         self._closed = False
 
@@ -309,23 +342,38 @@ class Channel:
         deadline = time.monotonic() + timeout
         with self._lock:
             if self._closed:
-                raise CallError(Status.CANCELLED, "the client is closed")
+                raise _cancelled()
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = _Connection(self.path, timeout=timeout, max_message_bytes=self.max_message_bytes)
+        if not self._claim(conn):
+            conn.close()
+            raise _cancelled()
         try:
             return conn.unary(method, request, deadline)
         finally:
             with self._lock:
+                self._busy.discard(conn)
                 keep = conn.usable and not self._closed and len(self._idle) < _MAX_IDLE
                 if keep:
                     self._idle.append(conn)
             if not keep:
                 conn.close()
 
+    def _claim(self, conn: _Connection) -> bool:
+        """Count ``conn`` as carrying a call (close() cancels it); False once closed."""
+        with self._lock:
+            if not self._closed:
+                self._busy.add(conn)
+            return not self._closed
+
     def close(self) -> None:
+        """Close the idle connections and cancel the calls in flight (any thread)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for conn in busy:
+            conn.cancel()
         for conn in idle:
             conn.close()
