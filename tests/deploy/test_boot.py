@@ -255,3 +255,35 @@ def test_app_follows_the_agent_and_the_watchdog_restarts_a_frozen_app(machine: M
     journal = machine.run("journalctl", "-u", "windedge-app")
     assert "Watchdog timeout" in journal, journal[-3000:]
     wait_until(lambda: "Model loaded: 1.0" in status(), 60, "the restarted app following 1.0")
+
+
+def test_a_killed_agent_is_restarted_with_its_models_and_the_app_keeps_running(
+    machine: Machine,
+) -> None:
+    wait_until(
+        lambda: machine.run("systemctl", "is-active", "windedge-agent", check=False) == "active",
+        BOOT_TIMEOUT,
+        "windedge-agent active",
+    )
+    with AgentClient(machine.socket, timeout=60) as client:
+        client.wait_ready(30)
+        if not client.list_models():
+            client.load_model("wind-turbine", MODEL_DIR)
+    app_pid = machine.show("windedge-app", "MainPID")
+    restarts = int(machine.show("windedge-agent", "NRestarts"))
+    machine.run("kill", "-KILL", machine.show("windedge-agent", "MainPID"))
+    wait_until(
+        lambda: (
+            int(machine.show("windedge-agent", "NRestarts")) > restarts
+            and machine.run("systemctl", "is-active", "windedge-agent", check=False) == "active"
+        ),
+        60,
+        "systemd restarting the killed agent",
+    )
+    with AgentClient(machine.socket, timeout=60) as client:
+        client.wait_ready(30)
+        # the record in its StateDirectory brought the model back
+        assert [m.name for m in client.list_models()] == ["wind-turbine"]
+    # Wants=, not Requires=: the app was not stopped with the agent
+    assert machine.show("windedge-app", "MainPID") == app_pid
+    assert machine.run("systemctl", "is-active", "windedge-app", check=False) == "active"
