@@ -127,3 +127,24 @@ def test_the_installed_command_exits_1_on_an_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout.startswith(f"{bad}:1: max_turbines: expected int (")
     assert "Traceback" not in proc.stderr
+
+
+def test_without_files_every_process_file_of_the_device_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgectl.commands import config
+
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    for kind in config.PROCESSES:
+        template = REPO / "config" / f"{kind}.toml"
+        if template.exists():
+            (tmp_path / f"{kind}.toml").write_text(template.read_text())
+    (tmp_path / "app.toml").write_text("[app]\nmax_batch = 0\n")
+    code, lines = check(capsys)
+    assert code == 1
+    by_file = {line.split(":")[0]: line for line in lines}
+    assert set(by_file) == {str(tmp_path / f"{kind}.toml") for kind in config.PROCESSES}
+    assert by_file[str(tmp_path / "app.toml")].startswith(
+        f"{tmp_path / 'app.toml'}:2: max_batch: expected int ("
+    )
+    assert by_file[str(tmp_path / "agent.toml")] == f"{tmp_path / 'agent.toml'}: ok"
