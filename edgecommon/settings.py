@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 
@@ -46,3 +47,21 @@ def read_toml_table(path: Path, table: str) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ValueError(f"{path}: [{table}] must be a table")
     return dict(section)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def known_log_level(value: str) -> str:
+    """A log level name, upper-cased; ValueError for an unknown one (a field validator)."""
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {value!r}")
+    return value.upper()
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """One line from a settings ValidationError: ``field: message; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+        for err in exc.errors()
+    )

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import capture, config, demo, models, ota, package, sim
+from edgectl.commands import capture, cloud, config, demo, deploy, models, ota, package, sim
 from edgectl.errors import CommandError
 
 
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_parser(sub)
     capture.add_parser(sub)
     config.add_parser(sub)
+    cloud.add_parser(sub)
+    deploy.add_parser(sub)
     ota.add_parser(sub)
     sim.add_parser(sub)
     demo.add_parser(sub)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeagent.package import version_key
+from edgecommon.settings import validation_problems
 from ota.errors import RejectError
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -107,11 +108,7 @@ def parse_document(raw: object) -> JobDocument:
     try:
         return JobDocument.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'document'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise RejectError(f"invalid job document: {problems}") from None
+        raise RejectError(f"invalid job document: {validation_problems(exc)}") from None
 
 
 def check_applicable(

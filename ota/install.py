@@ -3,8 +3,10 @@
 Verification and extraction are the package module's (the agent verifies
 with the same code at load time). Installing is idempotent, for the resume
 table: a version directory that is already there is verified again (digests,
-never sizes or existence) and kept when sound; staging directories a crash
-left behind are removed, they never carry a version's name.
+never sizes or existence) and kept when sound and made from the same signed
+manifest (another package under an installed version's name is refused);
+staging directories a crash left behind are removed, they never carry a
+version's name.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from edgeagent.package import (
     PackageExistsError,
     extract_package,
     load_trusted_keys,
+    read_manifest_bytes,
     verify_package_archive,
     verify_package_dir,
     version_key,
@@ -64,6 +67,11 @@ class Installer:
         self.clean_staging(name)
         if dest.exists():
             if self.is_sound(dest):
+                if read_manifest_bytes(dest) != read_manifest_bytes(archive):
+                    # installed versions are immutable: never serve other bytes under its name
+                    raise FatalError(
+                        f"{name} {version} is installed already with a different package"
+                    )
                 return dest
             log.warning("installed directory fails verification; replaced", path=str(dest))
             self.remove(name, version)

@@ -164,10 +164,14 @@ class IotJobs:
 
     # -- requests (main thread) ----------------------------------------------------------
     def _wait(self, future: Future[Any]) -> Any:
+        from awscrt.exceptions import AwsCrtError  # noqa: PLC0415
+
         try:
             return future.result(timeout=self.settings.operation_timeout_s + 5)
         except FutureTimeout as exc:
             raise TransientError("IoT Jobs request timed out") from exc
+        except AwsCrtError as exc:  # the connection, not the service: try again later
+            raise TransientError(f"IoT Jobs request failed: {exc}") from exc
 
     def start_next(self) -> JobExecution | None:
         """The next pending execution, now IN_PROGRESS (TransientError when unreachable)."""

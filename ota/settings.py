@@ -15,7 +15,12 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from edgecommon.settings import EnvOverFileSettings, read_toml_table
+from edgecommon.settings import (
+    EnvOverFileSettings,
+    known_log_level,
+    read_toml_table,
+    validation_problems,
+)
 from ota.errors import ConfigError
 
 _THING_RE = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
@@ -168,9 +173,7 @@ class OtaSettings(EnvOverFileSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(f"unknown log level {value!r}")
-        return value.upper()
+        return known_log_level(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> OtaSettings:
@@ -196,8 +199,4 @@ def load_settings(config_file: Path | None = None) -> OtaSettings:
     try:
         return OtaSettings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid ota configuration: {problems}") from exc
+        raise ConfigError(f"invalid ota configuration: {validation_problems(exc)}") from exc

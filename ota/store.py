@@ -61,6 +61,7 @@ class Record(BaseModel):
     to_url: str | None = None
     downloaded_bytes: int = 0
     acknowledged: bool = True  # False: the cloud held another final status
+    installs_new: bool = False  # the version directory did not exist before this update
     resumes: int = 0  # restarts that found this record unfinished
     transitions: int = 0  # state writes: a cap breaks loops that restarts cannot see
     started_at: float = Field(default_factory=time.time)

@@ -320,6 +320,10 @@ class Updater:
         doc = self._document(record)
         manifest = self.installer.verify(self.store.download_path(record))
         check_signed_manifest(doc, name=manifest.name, version=manifest.version)
+        # decided before INSTALLING is persisted: a failed update removes only what it added
+        record.installs_new = not self.installer.version_dir(
+            doc.model_name, doc.model_version
+        ).exists()
         self._progress(record, force=True)
 
     def _install(self, record: Record) -> None:
@@ -401,7 +405,7 @@ class Updater:
         self.downloader.discard(self.store.download_path(record))
         version = record.to_version
         name = self.settings.model_name
-        if record.outcome == Outcome.SUCCEEDED or version is None:
+        if record.outcome == Outcome.SUCCEEDED or version is None or not record.installs_new:
             return
         committed = self.store.installed(name)
         if committed is not None and version in (committed.version, committed.previous_version):

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
 import structlog
 
+from cloud.local.httpd import LoopbackServer, ServerThread
 from cloud.local.jobs import AdminError, JobsEngine
 
 __all__ = ["AdminServer", "JobsAdmin"]
@@ -154,30 +154,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(LoopbackServer):
     engine: JobsEngine
     ready: Callable[[], bool]
 
 
-class AdminServer:
+class AdminServer(ServerThread):
     """The admin HTTP API on ``127.0.0.1:port`` (a thread)."""
 
     def __init__(self, engine: JobsEngine, *, port: int, ready: Callable[[], bool]) -> None:
-        self._server = _Server(("127.0.0.1", port), _Handler)
-        self._server.engine = engine
-        self._server.ready = ready
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="admin-http", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        server = _Server(("127.0.0.1", port), _Handler)
+        server.engine = engine
+        server.ready = ready
+        super().__init__(server, "admin-http")
 
 
 class JobsAdmin:
@@ -198,7 +187,8 @@ class JobsAdmin:
             with urllib.request.urlopen(request, timeout=self._timeout) as resp:  # noqa: S310
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
+            with exc:  # holds the connection's socket
+                raw = exc.read()
             error: dict[str, Any] = {}
             with contextlib.suppress(ValueError):
                 error = json.loads(raw)

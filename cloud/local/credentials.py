@@ -22,14 +22,15 @@ import datetime as dt
 import json
 import socket
 import ssl
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import boto3
 import structlog
+
+from cloud.local.httpd import LoopbackServer, ServerThread
 
 __all__ = ["CredentialsServer", "sts_issuer"]
 
@@ -118,8 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(LoopbackServer):
     tls: ssl.SSLContext
     role_alias: str
     duration: int
@@ -140,7 +140,7 @@ class _Server(ThreadingHTTPServer):
             tls_sock.close()
 
 
-class CredentialsServer:
+class CredentialsServer(ServerThread):
     """HTTPS on ``127.0.0.1:port`` with client-certificate authentication (a thread)."""
 
     def __init__(
@@ -160,20 +160,10 @@ class CredentialsServer:
         tls.load_cert_chain(cert_path, key_path)
         tls.load_verify_locations(cafile=str(ca_path))
         tls.verify_mode = ssl.CERT_REQUIRED
-        self._server = _Server(("127.0.0.1", port), _Handler)
-        self._server.tls = tls
-        self._server.role_alias = role_alias
-        self._server.duration = duration_seconds
-        self._server.issuer = issuer
-        self._server.is_thing = is_thing
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="credentials-https", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        server = _Server(("127.0.0.1", port), _Handler)
+        server.tls = tls
+        server.role_alias = role_alias
+        server.duration = duration_seconds
+        server.issuer = issuer
+        server.is_thing = is_thing
+        super().__init__(server, "credentials-https")

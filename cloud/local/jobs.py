@@ -643,7 +643,8 @@ class JobsEngine:
             return len(job.things)
         criteria = exp["rateIncreaseCriteria"]
         if "numberOfNotifiedThings" in criteria:
-            reached = len(job.created_times) // int(criteria["numberOfNotifiedThings"])
+            notified = len(job.things) - len(job.not_yet_created)
+            reached = notified // int(criteria["numberOfNotifiedThings"])
         else:
             done = sum(
                 1

@@ -183,6 +183,8 @@ def _stop_pid(pid: int, marker: str, timeout: float = 10.0) -> bool:
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when this process started it
         if not Path(f"/proc/{pid}").exists() or _zombie(pid):
             return True
         time.sleep(0.05)
@@ -315,6 +317,17 @@ class LocalCloud:
         self._endpoints = None
         self._registered.clear()
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def detach(self) -> None:
+        """Leave the processes running for another process to stop (``edgectl cloud up``).
+
+        ``stop_detached(state_dir)`` ends them later, by the pids in the state file.
+        """
+        for child in self._children.values():
+            # no longer ours to wait for: Popen must neither warn nor reap it
+            child.proc.returncode = 0
+        self._children.clear()
+        self._endpoints = None
 
     # -- the emulator alone (persistence, restart tests) -------------------------
     def stop_emulator(self) -> None:

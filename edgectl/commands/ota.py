@@ -29,7 +29,6 @@ from edgeagent.package import (
     PackageError,
     build_package,
     load_private_key,
-    sha256_of,
     version_key,
 )
 from edgectl.errors import CommandError
@@ -238,73 +237,53 @@ def _next_version(run_dir: Path, devices: list[Path]) -> str:
 
 
 def _demo_deploy(args: argparse.Namespace) -> int:
-    import boto3  # noqa: PLC0415 - only this command builds and uploads a package
-    import numpy as np  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415 - only this command builds a package
 
     from cloud.autoencoder import (  # noqa: PLC0415
         build_autoencoder_onnx,
         default_preprocessing_block,
     )
-    from cloud.local import Endpoints, JobsAdmin, LocalCloud  # noqa: PLC0415
+    from cloud.deploy import DeployError, DeployOptions, LocalBackend, deploy  # noqa: PLC0415
 
     run_dir: Path = (args.run_dir or _running_demo()).resolve()
-    state = LocalCloud.read_state(run_dir / "cloud")
-    if state is None or not all(LocalCloud.alive_pids(state).values()):
-        raise CommandError(f"the demo's local stand-in is not running in {run_dir}")
-    endpoints = Endpoints.from_json(state["endpoints"])
-    devices = sorted((run_dir / "devices").glob("device-*"), key=lambda p: len(p.name))
+    try:
+        backend = LocalBackend.from_state_dir(run_dir / "cloud")
+    except DeployError as exc:
+        raise CommandError(f"the demo's local stand-in is not running in {run_dir}") from exc
+    devices = sorted((run_dir / "devices").glob("device-*"), key=lambda p: (len(p.name), p.name))
     if not devices:
         raise CommandError(f"no devices in {run_dir}")
     version = args.version or _next_version(run_dir, devices)
     try:
         version_key(version)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    try:
         key = load_private_key(args.signing_key)
-    except PackageError as exc:
+    except (ValueError, PackageError) as exc:
         raise CommandError(str(exc)) from None
 
     work = run_dir / "packages" / version
     work.mkdir(parents=True, exist_ok=True)
     seed = version_key(version)[0]
-    model = build_autoencoder_onnx(work / "model.onnx", seed=seed)
-    golden = np.random.default_rng(seed).standard_normal((8, 6, 10, 10), dtype=np.float32)
     archive = build_package(
-        model_path=model,
+        model_path=build_autoencoder_onnx(work / "model.onnx", seed=seed),
         name=_MODEL,
         version=version,
         preprocessing=default_preprocessing_block(),
-        golden_input=golden,
+        golden_input=np.random.default_rng(seed).standard_normal((8, 6, 10, 10), dtype=np.float32),
         signing_key=key,
         out_path=work,
     )
-    object_key = f"models/{archive.name}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoints.s3_endpoint_url,
-        region_name=endpoints.region,
-        aws_access_key_id="local-stand-in",
-        aws_secret_access_key="local-stand-in",  # noqa: S106 - the stand-in takes any key
-    )
-    s3.put_object(Bucket=endpoints.bucket, Key=object_key, Body=archive.read_bytes())
-    job_id = f"demo-{_MODEL}-{version.replace('.', '-')}-{int(time.time())}"
-    things = [d.name for d in devices]
-    JobsAdmin(endpoints.admin_url).create_job(
-        job_id,
-        targets=things,
-        document={
-            "type": "new_model",
-            "model_name": _MODEL,
-            "model_version": version,
-            "model_package_bucket": endpoints.bucket,
-            "model_package_key": object_key,
-            "sha256": sha256_of(archive),
-            "size": archive.stat().st_size,
-        },
-        description=f"{_MODEL} {version} to the demo's devices",
-    )
-    print(f"built {archive.name} (signed), uploaded to s3://{endpoints.bucket}/{object_key}")
-    print(f"job {job_id} created for {', '.join(things)}")
-    print(f"follow it: edgectl ota status --state-dir {devices[0] / 'ota-state'}")
+    try:
+        result = deploy(
+            backend,
+            DeployOptions(
+                package=archive,
+                things=[d.name for d in devices],
+                trusted_keys=args.signing_key.parent,
+            ),
+        )
+    except DeployError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"built {archive.name} (signed), uploaded to s3://{result.bucket}/{result.key}")
+    print(f"job {result.job_id} created for {', '.join(result.targets)}")
+    print(f"follow it: edgectl deploy status {result.job_id} --state-dir {run_dir / 'cloud'}")
     return 0

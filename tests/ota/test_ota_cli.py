@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import Archives, Device, MakeDevice
+from ota_devices import Archives, Device, MakeDevice
 
 from tests.harness import wait_until
 

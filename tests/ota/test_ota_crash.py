@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import MODEL, Archives, Device, MakeDevice
+from ota_devices import MODEL, Archives, Device, MakeDevice
 
 from edgeagent.package import load_trusted_keys, verify_package_dir
 from tests.harness import wait_until

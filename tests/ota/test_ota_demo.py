@@ -75,7 +75,7 @@ def test_demo_deploy_updates_every_device_of_the_running_demo() -> None:
             check=False,
         )
         assert done.returncode == 0, done.stderr
-        assert "job demo-wind-turbine-2-0-" in done.stdout
+        assert "job wind-turbine-2" in done.stdout
         wait_until(
             lambda: [serving(s) for s in sockets] == ["2.0", "2.0"], 90, "2.0 on every device"
         )

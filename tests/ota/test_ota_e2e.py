@@ -8,6 +8,8 @@ accepted final update on the wire, and wind-turbine 1.0 still serving.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import MODEL, Archive, Archives, Device, MakeDevice
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from ota_devices import MODEL, Archive, Archives, Device, MakeDevice
 from ota_harness import PackageServer, hostile_archive, resigned_with_version
 
 from edgeagent.client import AgentClient
@@ -291,11 +293,38 @@ def test_restart_prune_reconcile_and_presigned_urls(device: MakeDevice, archives
     assert fetched["source"].startswith("http://127.0.0.1:")  # the minted URL, not s3://
     first.stop()
     dev.start_ota()
-    job3 = dev.deploy(archives.get("3.0", seed=2))
-    assert dev.wait_final(job3)["status"] == "SUCCEEDED"
+    # 3.0 the way an operator ships it: edgectl deploy (verify, upload, create the job)
+    deployed = subprocess.run(
+        [
+            *(sys.executable, "-m", "edgectl", "deploy", "--local", "--json"),
+            *("--state-dir", str(dev.cloud.state_dir), "--things", dev.thing),
+            *("--package", str(archives.get("3.0", seed=2).path)),
+            *("--trusted-keys", dev.settings["trusted_keys"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert deployed.returncode == 0, deployed.stderr
+    job3 = json.loads(deployed.stdout)["jobId"]
+    final3 = dev.wait_final(job3)
+    assert final3["status"] == "SUCCEEDED", final3
     assert dev.serving() == "3.0"
     assert dev.watch.finals(job2) == ["SUCCEEDED"]  # the restart did not report it again
     assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
+    older = dev.deploy(archives.get("2.0"))  # a downgrade: refused, and 2.0 stays installed
+    assert dev.wait_final(older)["status"] == "REJECTED"
+    # allowed, but another package under the installed 2.0's name: refused, 2.0 untouched
+    other = archives.get(
+        "2.0", "bad-golden", golden_expected=np.ones((4, 6, 10, 10), dtype=np.float32)
+    )
+    clash = dev.deploy(other, allow_downgrade=True)
+    final = dev.wait_final(clash)
+    assert final["status"] == "FAILED", final
+    assert "different package" in final["statusDetails"]["reason"]
+    assert sorted(p.name for p in (dev.models / MODEL).iterdir()) == ["2.0", "3.0"]
+    assert dev.serving() == "3.0"
 
     dev.agent.client.unload_model(MODEL)  # the agent lost its model (e.g. its state)
     dev.processes[-1].stop()
