@@ -145,7 +145,11 @@ def machine(staged: Staged) -> Iterator[Machine]:
     assert NSPAWN is not None
     base = short_dir("we-boot-")
     log = base / "console.log"
-    root = prepare(staged, base)
+    try:
+        root = prepare(staged, base)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [NSPAWN, "-D", str(root), f"--machine=we-{uuid.uuid4().hex[:8]}", "--bind-ro=/usr",
