@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import capture, cloud, demo, deploy, models, ota, package, sim
+from edgectl.commands import capture, cloud, config, demo, deploy, models, ota, package, sim
 from edgectl.errors import CommandError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     package.add_parser(sub)
     capture.add_parser(sub)
+    config.add_parser(sub)
     cloud.add_parser(sub)
     deploy.add_parser(sub)
     ota.add_parser(sub)

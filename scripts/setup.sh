@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything windedge needs on a Debian/Ubuntu machine:
-#   - Debian packages that are missing (mosquitto for the local broker),
+#   - Debian packages that are missing (mosquitto for the local broker, systemd
+#     and systemd-container for the device-installation tests),
 #   - .venv/ in the repository root with the project installed editable,
 #     with its dev extras.
 # Safe to run again: it reinstalls only when pyproject.toml changed.
@@ -13,6 +14,10 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # --- Debian packages --------------------------------------------------------
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# the device-installation tests: systemd-analyze/-sysusers/-tmpfiles, systemctl --root,
+# and systemd-nspawn to boot the installed units under a real systemd
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 # the dashboard's browser tests drive Debian's headless chromium through Playwright
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
