@@ -42,6 +42,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -275,8 +276,16 @@ def run_listener(port: int, out: Path) -> None:
     np.save(out, np.array(rows, dtype=np.float64).reshape(-1, 4))
 
 
-def run_counting_subscriber(port: int, impl: str, out: Path) -> None:
-    """Role: receive the sensor stream with paho or edgeapp's subscriber, count, report CPU."""
+def run_counting_subscriber(
+    port: int,
+    impl: str,
+    out: Path,
+    *,
+    tls: ssl.SSLContext | None = None,
+    stream_max_bytes: int = 1024,
+) -> None:
+    """Role: receive the sensor stream with paho or edgeapp's subscriber (over ``tls`` if
+    given), count, report CPU from the first message of at most ``stream_max_bytes``."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
     state = {"messages": 0, "first_cpu": 0.0}
@@ -284,7 +293,7 @@ def run_counting_subscriber(port: int, impl: str, out: Path) -> None:
     def count(_topic: str, payload: bytes, _arrival: float) -> None:
         # from the first one-sample message on: the prefill's large ones are not the stream
         if not state["messages"]:
-            if len(payload) > 1024:
+            if len(payload) > stream_max_bytes:
                 return
             state["first_cpu"] = time.process_time()
         state["messages"] += 1
@@ -300,7 +309,7 @@ def run_counting_subscriber(port: int, impl: str, out: Path) -> None:
         client.loop_stop()
     else:
         sub = MqttClient(
-            broker=BrokerConfig(host="127.0.0.1", port=port),
+            broker=BrokerConfig(host="127.0.0.1", port=port, tls=tls),
             client_id="bench-edgeapp",
             subscription="wind-turbine/+/raw-data",
             on_message=count,
@@ -437,6 +446,7 @@ def start_app(
         "max_turbines": turbines,
         "tick_period_s": TICK_S,
         "status_period_s": 10.0,
+        "log_level": "DEBUG",  # the per-tick lines this benchmark reads
         **overrides,
     }
     lines = ["[app]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]

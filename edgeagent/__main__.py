@@ -23,7 +23,12 @@ from edgeagent import __doc__ as package_doc
 from edgeagent.capture import StatusBook
 from edgeagent.capture.spool import CaptureSpool, spool_config
 from edgeagent.capture.upload import CaptureConfigError, Uploader, build_destination
-from edgeagent.grpc_server import SocketInUseError, build_server, prepare_socket_path
+from edgeagent.grpc_server import (
+    SocketInUseError,
+    TransportLimits,
+    build_server,
+    prepare_socket_path,
+)
 from edgeagent.health import HealthState
 from edgeagent.package import PackageError, load_trusted_keys
 from edgeagent.registry import ModelRegistry, StateStore
@@ -113,6 +118,12 @@ class AgentApp:
             workers=self.settings.workers,
             max_message_bytes=self.settings.max_message_bytes,
             socket_group=self.settings.socket_group,
+            limits=TransportLimits(
+                max_connections=self.settings.max_connections,
+                handshake_timeout=self.settings.handshake_timeout_seconds,
+                send_stall=self.settings.send_stall_seconds,
+                connection_workers=self.settings.connection_workers,
+            ),
         )
         models = [m.info.name for m in self.registry.loaded()]
         log.info(

@@ -115,6 +115,8 @@ class AgentClient:
         return parse(cast(bytes, raw))  # a view, not a copy: protobuf parses any buffer
 
     def close(self) -> None:
+        """Close the connections; calls in flight on other threads end at once (CANCELLED,
+        raised as UnavailableError), later calls fail without touching the socket."""
         self._channel.close()
 
     def __enter__(self) -> AgentClient:

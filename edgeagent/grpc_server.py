@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -295,6 +296,16 @@ def agent_methods(servicer: AgentServicer) -> dict[str, Method]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """What the transport allows a client (see ``edgeagent.wire.server.Server``)."""
+
+    max_connections: int = 256
+    handshake_timeout: float = 5.0
+    send_stall: float = 10.0
+    connection_workers: int | None = None
+
+
 def build_server(
     service: AgentService,
     *,
@@ -302,15 +313,21 @@ def build_server(
     workers: int,
     max_message_bytes: int,
     socket_group: str | None = None,
+    limits: TransportLimits | None = None,
 ) -> tuple[Server, HealthState]:
     """A started server on the Unix socket (0660), with the health service."""
     prepare_socket_path(socket_path)
     health = HealthState()
+    limits = limits or TransportLimits()
     server = Server(
         {**agent_methods(AgentServicer(service)), **health.methods()},
         workers=workers,
         max_message_bytes=max_message_bytes,
         max_concurrent_streams=workers * 16,
+        max_connections=limits.max_connections,
+        handshake_timeout=limits.handshake_timeout,
+        send_stall=limits.send_stall,
+        connection_workers=limits.connection_workers,
     )
     server.bind(socket_path, mode=0o660)
     if socket_group:

@@ -117,6 +117,9 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._persist_lock = threading.Lock()
+        # restored at start and not yet claimed: the first LoadModel of the same name
+        # and package adopts it (apps written for the original agent load at their start)
+        self._adoptable: set[str] = set()
 
     @contextmanager
     def _control(self, name: str) -> Iterator[None]:
@@ -142,6 +145,12 @@ class ModelRegistry:
         with self._control(name):
             current = self._models.get(name)
             if current is not None and _same_package(current.package_dir, url):
+                with self._lock:
+                    adopted = name in self._adoptable
+                    self._adoptable.discard(name)
+                if adopted:
+                    log.info("restored model adopted", model=name, url=url)
+                    return current, None
                 raise AlreadyExistsError(
                     f"model {name!r} is already loaded from {current.info.url}"
                 )
@@ -159,6 +168,7 @@ class ModelRegistry:
                         f"{len(self._models)} models loaded: the limit is {self._max_models}"
                     )
                 self._models[name] = new
+                self._adoptable.discard(name)
             self._persist()
             log.info(
                 "model loaded" if current is None else "model hot-swapped",
@@ -174,6 +184,7 @@ class ModelRegistry:
         with self._control(name):
             with self._lock:
                 model = self._models.pop(name, None)
+                self._adoptable.discard(name)
             if model is None:
                 raise NotFoundError(f"no model named {name!r} is loaded")
             self._persist()
@@ -181,13 +192,20 @@ class ModelRegistry:
             return model
 
     def restore(self) -> list[str]:
-        """Reload what the state record lists; returns the aliases that failed."""
+        """Reload what the state record lists; returns the aliases that failed.
+
+        A restored model stays adoptable until its first LoadModel: that call, with the
+        same name and package, succeeds as a fresh load would (the original agent forgot
+        its models on restart, so its apps load at their start and treat errors as fatal).
+        """
         if self._store is None:
             return []
         failed = []
         for name, url in self._store.read().items():
             try:
                 self.load(name, url)
+                with self._lock:
+                    self._adoptable.add(name)
             except Exception as exc:  # noqa: BLE001 - one broken package must not stop the others
                 failed.append(name)
                 log.error(

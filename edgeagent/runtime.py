@@ -17,22 +17,11 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from edgeagent.errors import FailedPreconditionError
+from edgeagent.package.golden import ort_errors
 from edgeagent.tensors import ORT_DTYPES, TensorSpec
 from edgecommon.memory import trim
 
-
-def _ort_errors() -> tuple[type[Exception], ...]:
-    """What ONNX Runtime raises: its own classes derive from Exception, not RuntimeError."""
-    state = ort.capi.onnxruntime_pybind11_state
-    own = tuple(
-        obj
-        for obj in vars(state).values()
-        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == state.__name__
-    )
-    return (RuntimeError, ValueError, OSError, *own)
-
-
-ORT_ERRORS = _ort_errors()
+ORT_ERRORS = ort_errors(ort)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +33,21 @@ class RuntimeOptions:
 
 
 class ModelRuntime:
-    """One model file, one ONNX Runtime session; thread-safe ``run``."""
+    """One model, one ONNX Runtime session; thread-safe ``run``.
+
+    ``model`` is the model's verified bytes (the agent never lets ONNX Runtime
+    open a package file by path: the bytes that were hashed are the bytes that
+    run), or a path for tools that have no package.
+    """
 
     def __init__(
         self,
-        model_path: Path,
+        model: Path | bytes,
         *,
         inputs: tuple[TensorSpec, ...],
         outputs: tuple[TensorSpec, ...],
         options: RuntimeOptions,
+        name: str = "model.onnx",
     ) -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
@@ -62,14 +57,15 @@ class ModelRuntime:
         so.enable_cpu_mem_arena = options.memory_arena
         so.enable_mem_pattern = options.memory_arena
         so.log_severity_level = 3
+        label = name if isinstance(model, bytes) else model.name
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=so, providers=["CPUExecutionProvider"]
+                model if isinstance(model, bytes) else str(model),
+                sess_options=so,
+                providers=["CPUExecutionProvider"],
             )
         except ORT_ERRORS as exc:
-            raise FailedPreconditionError(
-                f"ONNX Runtime cannot load {model_path.name}: {exc}"
-            ) from exc
+            raise FailedPreconditionError(f"ONNX Runtime cannot load {label}: {exc}") from exc
         self.inputs = inputs
         self.outputs = outputs
         self._chunk = options.chunk

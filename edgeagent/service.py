@@ -38,7 +38,7 @@ from edgeagent.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from edgeagent.package import PackageError, load_golden, verify_package_dir
+from edgeagent.package import PackageError, load_verified_package
 from edgeagent.registry import LoadedModel, ModelRegistry, resolve_package_dir, validate_alias
 from edgeagent.runtime import ModelRuntime, RuntimeOptions
 from edgeagent.tensors import ModelInfo, TensorSpec
@@ -99,19 +99,23 @@ class PackageLoader:
 
     def _load(self, name: str, url: str) -> LoadedModel:
         package_dir = resolve_package_dir(url)
-        manifest = verify_package_dir(
+        # every file is read once and hashed; the session and the golden check
+        # are built from those bytes, never from the paths again
+        package = load_verified_package(
             package_dir, trusted_keys=self._trusted_keys, require_signature=self._require_signature
         )
+        manifest = package.manifest
         inputs = manifest.input_specs()
         outputs = manifest.output_specs()
         runtime = ModelRuntime(
-            package_dir.joinpath(*manifest.model_file.split("/")),
+            package.model_bytes,
             inputs=inputs,
             outputs=outputs,
             options=self._options,
+            name=manifest.model_file,
         )
         if self._golden_check:
-            golden_input, expected = load_golden(package_dir, manifest)
+            golden_input, expected = package.golden_arrays()
             runtime.golden_check(
                 golden_input, expected, rtol=manifest.golden.rtol, atol=manifest.golden.atol
             )
@@ -330,7 +334,7 @@ class AgentService:
         self._statuses.claim(capture_id)
         try:
             self._sink.put(request)
-        except ResourceExhaustedError:
+        except AgentError:  # refused (full, disk full, unrenderable): never acknowledged
             self._statuses.set(capture_id, CaptureStatus.FAILURE)
             self._count("captures_dropped")
             raise

@@ -81,6 +81,30 @@ class AgentSettings(EnvOverFileSettings):
     )
     max_models: int = Field(16, ge=1, description="How many models may be loaded at once.")
     workers: int = Field(8, ge=1, description="gRPC worker threads (concurrent requests).")
+    connection_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Calls one connection may run on the workers at once (None: half the workers), "
+            "so that one client cannot hold them all."
+        ),
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Connections served at once; more are refused with GOAWAY."
+    )
+    handshake_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Time a new connection has for its HTTP/2 preface and first SETTINGS.",
+    )
+    send_stall_seconds: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Time a response may wait in all for a client's flow-control window (then its "
+            "stream is reset), and one blocked write (then the connection is dropped)."
+        ),
+    )
     golden_check: bool = Field(
         True, description="Run the package's golden input before a model serves."
     )
@@ -128,9 +152,9 @@ class AgentSettings(EnvOverFileSettings):
         64,
         ge=1,
         description=(
-            "Captures acknowledged but not yet fsynced to the spool, at most: the most a "
-            "crash or power loss can lose. Past it, CaptureData answers RESOURCE_EXHAUSTED "
-            "until the disk catches up."
+            "Captures queued but not yet fsynced to the spool, at most; with capture_sync_ack "
+            "false, the most a crash or power loss can lose. Past it, CaptureData answers "
+            "RESOURCE_EXHAUSTED until the disk catches up."
         ),
     )
     capture_commit_window_seconds: float = Field(
@@ -144,10 +168,20 @@ class AgentSettings(EnvOverFileSettings):
         ),
     )
     capture_sync_ack: bool = Field(
-        False,
+        True,
         description=(
-            "Answer CaptureData only once its record is fsynced (group commit): nothing "
-            "acknowledged is ever lost, at the cost of about one fsync of latency per call."
+            "Answer CaptureData only once its record is fsynced (the default): nothing "
+            "acknowledged is ever lost. Group commit (one fsync serves every capture that "
+            "arrived while the previous one ran) keeps the throughput; the cost is a few "
+            "milliseconds of latency. false: answer once queued (see capture_max_unsynced)."
+        ),
+    )
+    capture_spool_reserve_bytes: int = Field(
+        16 * MIB,
+        ge=0,
+        description=(
+            "Free space the spool always leaves on its file system: a capture that would "
+            "cut into it is refused at once with RESOURCE_EXHAUSTED 'spool disk full'."
         ),
     )
     capture_retry_max_seconds: float = Field(

@@ -10,25 +10,34 @@ the replay thread), the publisher's MQTT client reader, and the detector's
 inference workers. The tick loop pings the systemd watchdog after each
 completed tick while the source's thread is alive.
 
+Before each tick, learned turbines silent for ``turbine_evict_s`` give their
+slot back. Each tick is logged at DEBUG; one INFO ``summary`` line per
+``log_summary_interval_s`` carries the interval's counts and latencies.
+
 Shutdown order: STOPPING=1; stop the source (no new samples); close the agent
 connection (an in-flight call ends at once) and join the workers; disconnect
 the publisher after its last write, so every message handed to it reaches the
-broker whole.
+broker whole. A call to a hung agent is cancelled ``STOP_GRACE_S`` after the
+stop request, whichever thread waits for it, so SIGTERM ends the daemon in
+about a second whatever ``agent_timeout_s`` is.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+import numpy as np
 import structlog
 
 from edgeagent.client import AgentClient
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, TickReport
-from edgeapp.ingest import DropCounter, Ingestor
+from edgeapp.errors import ConfigError
+from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.model_follower import ModelClient, ModelFollower
-from edgeapp.mqtt import BrokerConfig, MqttClient
+from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context
 from edgeapp.mqtt_source import MqttSource
 from edgeapp.publisher import MqttPublisher, Topics
 from edgeapp.replay import ReplaySource
@@ -41,6 +50,9 @@ __all__ = ["App"]
 log = structlog.get_logger("edgeapp")
 
 SOURCE_STOP_TIMEOUT_S = 1.0
+# After a stop request, how long a call to the agent may still take before it is
+# cancelled (a hung agent must not hold the daemon for agent_timeout_s).
+STOP_GRACE_S = 0.7
 
 
 class App:
@@ -52,6 +64,7 @@ class App:
         self.stop_event = threading.Event()
         self._finish_error: str | None = None
         self._finishing = False
+        self._stop_timer: threading.Timer | None = None
         self.buffers = TurbineBuffers(
             max_turbines=settings.max_turbines,
             capacity=settings.buffer_length,
@@ -68,20 +81,18 @@ class App:
             max_abs_quaternion=settings.max_abs_quaternion,
             max_abs_value=settings.max_abs_value,
         )
-        broker = BrokerConfig(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            keepalive_s=settings.mqtt_keepalive_s,
-            reconnect_min_s=settings.mqtt_reconnect_min_s,
-            reconnect_max_s=settings.mqtt_reconnect_max_s,
-        )
+        broker = _broker_config(settings)
         self.publisher_client = MqttClient(
-            broker=broker, client_id=f"{settings.mqtt_client_id}-pub"
+            broker=broker,
+            client_id=f"{settings.mqtt_client_id}-pub",
+            status_topic=settings.mqtt_status_topic or None,
+            max_queued=settings.mqtt_max_queued,
         )
         self.publisher = MqttPublisher(
             client=self.publisher_client,
             topics=Topics(settings.topic_prefix),
             dashboard_samples=settings.dashboard_samples,
+            verdict_qos=settings.mqtt_verdict_qos,
         )
         self.publisher_client.on_connected(self.publisher.on_connected)
         self.source: Source
@@ -107,6 +118,7 @@ class App:
             retry_min_s=settings.agent_retry_min_s,
             retry_max_s=settings.agent_retry_max_s,
             buffer_length=settings.buffer_length,
+            log_interval_s=settings.agent_log_interval_s,
         )
         self.detector = Detector(
             buffers=self.buffers,
@@ -129,7 +141,15 @@ class App:
         self._finishing = True
 
     def request_stop(self) -> None:
+        """Ask the loop to stop (signal handlers call it); a call to the agent still
+        running ``STOP_GRACE_S`` later is cancelled, whatever thread it is on."""
+        if self.stop_event.is_set():
+            return
         self.stop_event.set()
+        timer = threading.Timer(STOP_GRACE_S, self.follower.cancel)
+        timer.daemon = True
+        timer.start()
+        self._stop_timer = timer
 
     # ---- running
 
@@ -144,6 +164,9 @@ class App:
             model=settings.model_name,
             agent_socket=str(settings.agent_socket),
             broker=f"{settings.mqtt_host}:{settings.mqtt_port}",
+            tls=settings.mqtt_tls,
+            mqtt_user=settings.mqtt_username,
+            verdict_qos=settings.mqtt_verdict_qos,
             topic=settings.mqtt_topic if settings.source == "mqtt" else None,
             replay_file=str(settings.replay_file) if settings.source == "replay" else None,
             max_turbines=settings.max_turbines,
@@ -162,6 +185,7 @@ class App:
         next_status = 0.0
         deadline = time.monotonic()
         last = _Counters.of(self)
+        summary = _Summary(self, time.monotonic())
         while not self.stop_event.is_set():
             finishing = self._finishing  # read before the tick: the last data gets scored
             report = self._tick()
@@ -169,6 +193,10 @@ class App:
             counters = _Counters.of(self)
             self._log_tick(report, counters, last)
             last = counters
+            summary.add(report)
+            if now - summary.started >= self.settings.log_summary_interval_s:
+                summary.log(self, report, now)
+                summary = _Summary(self, now)
             if not ready_sent:
                 self.notifier.ready(report.label)
                 ready_sent = True
@@ -186,6 +214,7 @@ class App:
             self.stop_event.wait(max(0.0, deadline - time.monotonic()))
 
     def _tick(self) -> TickReport:
+        self._evict_silent()
         try:
             return self.detector.tick(self.stop_event)
         except Exception as exc:  # a bug in a tick must not end the daemon: log it, go on
@@ -196,8 +225,23 @@ class App:
                 status=state.status.value, label=state.label, error=f"{type(exc).__name__}: {exc}"
             )
 
+    def _evict_silent(self) -> None:
+        """Free the slots of learned turbines silent for ``turbine_evict_s``."""
+        evicted = self.buffers.evict_idle(time.monotonic(), self.settings.turbine_evict_s)
+        if evicted:
+            self.publisher.forget(evicted)
+            log.info(
+                "turbines evicted",
+                count=len(evicted),
+                examples=evicted[:5],
+                silent_s=self.settings.turbine_evict_s,
+                turbines=len(self.buffers),
+            )
+
     def _log_tick(self, report: TickReport, now: _Counters, last: _Counters) -> None:
-        log.info(
+        if not _debug_enabled():
+            return
+        log.debug(
             "tick",
             status=report.status,
             turbines=report.turbines,
@@ -223,6 +267,8 @@ class App:
     def shutdown(self) -> None:
         """Stop everything in order (idempotent)."""
         self.notifier.stopping()
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
         self.source.stop(SOURCE_STOP_TIMEOUT_S)
         self.follower.close()
         self.detector.close()
@@ -236,10 +282,36 @@ class App:
             samples=self.ingestor.samples,
             dropped=self.drops.snapshot(),
             published=self.publisher.published,
+            unpublished=self.publisher.unpublished,
+            unacknowledged=self.publisher.queued,
+            evicted=self.buffers.evicted,
             overruns=self.overruns,
             tick_errors=self.tick_errors,
         )
         self.notifier.close()
+
+
+def _broker_config(settings: AppSettings) -> BrokerConfig:
+    """The broker's address, TLS and credentials; ConfigError when a TLS file is unusable."""
+    tls = None
+    if settings.mqtt_tls:
+        try:
+            tls = tls_context(
+                settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid app configuration: {exc}") from exc
+    password = settings.mqtt_password
+    return BrokerConfig(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        keepalive_s=settings.mqtt_keepalive_s,
+        reconnect_min_s=settings.mqtt_reconnect_min_s,
+        reconnect_max_s=settings.mqtt_reconnect_max_s,
+        tls=tls,
+        username=settings.mqtt_username,
+        password=password.get_secret_value() if password is not None else None,
+    )
 
 
 class _Counters:
@@ -265,3 +337,94 @@ class _Counters:
             app.publisher.published,
             app.publisher.unpublished,
         )
+
+
+# drop reasons that refuse a turbine (rather than a message's content)
+_REFUSALS = frozenset(
+    (DropReason.BAD_TOPIC, DropReason.UNKNOWN_TURBINE, DropReason.TOO_MANY_TURBINES)
+)
+
+
+def _debug_enabled() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+class _Summary:
+    """The ticks of one ``log_summary_interval_s``: one INFO line of counts and latencies."""
+
+    def __init__(self, app: App, started: float) -> None:
+        self.started = started
+        self.counters = _Counters.of(app)
+        self.drops = app.drops.snapshot()
+        self.overruns = app.overruns
+        self.tick_errors = app.tick_errors
+        self.evicted = app.buffers.evicted
+        self.ticks = 0
+        self.ready = 0
+        self.verdicts = 0
+        self.chunks = 0
+        self.discarded = 0
+        self.failed = 0
+        self.tick_ms: list[float] = []
+        self.predict_ms: list[float] = []
+        app.publisher.take_latency()  # the next interval's verdicts only
+
+    def add(self, report: TickReport) -> None:
+        self.ticks += 1
+        self.ready += report.ready
+        self.verdicts += report.verdicts
+        self.chunks += report.chunks
+        self.discarded += report.discarded
+        self.failed += report.error is not None
+        self.tick_ms.append(report.ms.get("total", 0.0))
+        if "infer" in report.ms:
+            self.predict_ms.append(report.ms["infer"])
+
+    def log(self, app: App, report: TickReport, now: float) -> None:
+        counters = _Counters.of(app)
+        drops = app.drops.snapshot()
+        dropped = {
+            k: n - self.drops.get(k, 0) for k, n in drops.items() if n > self.drops.get(k, 0)
+        }
+        latencies, latency_mean, latency_max = app.publisher.take_latency()
+        log.info(
+            "summary",
+            interval_s=round(now - self.started, 3),
+            status=report.status,
+            label=report.label,
+            reason=app.follower.reason,
+            turbines=report.turbines,
+            ticks=self.ticks,
+            overruns=app.overruns - self.overruns,
+            tick_errors=app.tick_errors - self.tick_errors,
+            failed_ticks=self.failed,
+            ready=self.ready,
+            chunks=self.chunks,
+            verdicts=self.verdicts,
+            discarded=self.discarded,
+            messages=counters.messages - self.counters.messages,
+            samples=counters.samples - self.counters.samples,
+            dropped=counters.dropped - self.counters.dropped,
+            dropped_by_reason=dropped or None,
+            refused={k: n for k, n in dropped.items() if k in _REFUSALS} or None,
+            evicted=app.buffers.evicted - self.evicted,
+            published=counters.published - self.counters.published,
+            unpublished=counters.unpublished - self.counters.unpublished,
+            queued=app.publisher.queued or None,
+            **_stats("tick_ms", self.tick_ms),
+            **_stats("predict_ms", self.predict_ms),
+            verdict_latency_ms_mean=round(latency_mean, 2) if latencies else None,
+            verdict_latency_ms_max=round(latency_max, 2) if latencies else None,
+        )
+
+
+def _stats(name: str, values: list[float]) -> dict[str, float | None]:
+    """p50, p95 and max of ``values`` (None when there are none), rounded to 0.01."""
+    if not values:
+        return {f"{name}_p50": None, f"{name}_p95": None, f"{name}_max": None}
+    p50, p95, top = np.percentile(np.asarray(values), [50, 95, 100]).tolist()
+    return {
+        f"{name}_p50": round(p50, 2),
+        f"{name}_p95": round(p95, 2),
+        f"{name}_max": round(top, 2),
+    }

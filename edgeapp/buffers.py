@@ -26,6 +26,13 @@ append holds it for about a microsecond, a gather for the copy of one chunk.
 A turbine silent for longer than ``gap_reset_s`` starts over (its count drops
 to zero): the pipeline's wavelet denoising assumes an evenly sampled series,
 so a window never spans an outage.
+
+Learned turbines (no fixed list) silent for longer than the daemon's
+``turbine_evict_s`` give their slot back (``evict_idle``, called by the tick
+thread): a burst of junk ids fills the table only until they fall silent.
+A freed slot is reused, reset, by the next new turbine; an append to a slot
+freed under the writer's feet is refused (returns False), never written into
+another turbine's ring. Fixed turbines keep their slots.
 """
 
 from __future__ import annotations
@@ -84,9 +91,13 @@ class TurbineBuffers:
         self._count = [0] * max_turbines
         self._arrival = [-math.inf] * max_turbines
         self._ts = [math.nan] * max_turbines
-        self._ids: list[str] = []
+        self._ids: list[str | None] = []  # by slot; None: a freed slot
+        self._free: list[int] = []
+        self._added: list[str] = []  # turbines given a slot since take_added()
         self._slots: dict[str, int] = {}
         self.fixed = fixed_ids is not None
+        self.evicted = 0
+        """Turbines evicted so far (the ingestor's slot cache watches it)."""
         for turbine in fixed_ids or ():
             self._add(turbine)
 
@@ -98,7 +109,7 @@ class TurbineBuffers:
 
     def can_add(self) -> bool:
         """Whether a new turbine would get a slot (learned mode, room left)."""
-        return not self.fixed and len(self._ids) < self.max_turbines
+        return not self.fixed and (len(self._ids) < self.max_turbines or bool(self._free))
 
     def add(self, turbine: str) -> int | None:
         """The turbine's slot, allocating one if needed; None when there is no room."""
@@ -113,29 +124,69 @@ class TurbineBuffers:
     def _add(self, turbine: str) -> int | None:
         slot = self._slots.get(turbine)
         if slot is None:
-            if len(self._ids) >= self.max_turbines:
+            if self._free:
+                slot = self._free.pop()
+                self._ids[slot] = turbine
+                self._write[slot] = self._count[slot] = 0
+                self._arrival[slot] = -math.inf
+                self._ts[slot] = math.nan
+            elif len(self._ids) < self.max_turbines:
+                slot = len(self._ids)
+                self._ids.append(turbine)
+            else:
                 return None
-            slot = len(self._ids)
-            self._ids.append(turbine)
             self._slots[turbine] = slot
+            self._added.append(turbine)
         return slot
+
+    def evict_idle(self, now: float, idle_s: float) -> list[str]:
+        """Free the slots of learned turbines silent since ``now - idle_s``; their ids."""
+        if self.fixed:
+            return []
+        limit = now - idle_s
+        evicted: list[str] = []
+        with self.lock:
+            for slot, turbine in enumerate(self._ids):
+                # -inf: a slot given out but not written yet (its first sample is coming)
+                if turbine is not None and -math.inf < self._arrival[slot] < limit:
+                    self._ids[slot] = None
+                    del self._slots[turbine]
+                    self._count[slot] = 0
+                    self._free.append(slot)
+                    evicted.append(turbine)
+            self.evicted += len(evicted)
+        return evicted
+
+    def take_added(self) -> list[str]:
+        """Turbines given a slot since the last call (and still holding it)."""
+        with self.lock:
+            added, self._added = self._added, []
+            return [t for t in added if t in self._slots]
 
     @property
     def ids(self) -> list[str]:
-        """Turbine ids by slot (a copy)."""
+        """Ids of the turbines holding a slot, by slot."""
+        return [t for t in self._ids if t is not None]
+
+    def slot_ids(self) -> list[str | None]:
+        """The turbine of each slot given out so far (None: freed), a copy."""
         return list(self._ids)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._slots)
 
     # ---- writing (the source's thread)
 
     def append(
         self, slot: int, row: Sequence[float], arrival: float, ts: float | None = None
-    ) -> None:
-        """Append one sample (7 values in ``RAW_FIELDS`` order) to a turbine's ring."""
+    ) -> bool:
+        """Append one sample (7 values in ``RAW_FIELDS`` order) to a turbine's ring.
+
+        False (nothing written) when the slot was freed meanwhile."""
         features = sample_to_features(row)
         with self.lock:
+            if self._ids[slot] is None:
+                return False  # evicted under the writer's feet
             if arrival - self._arrival[slot] > self.gap_reset_s:
                 self._count[slot] = 0
             w = self._write[slot]
@@ -145,6 +196,7 @@ class TurbineBuffers:
             self._count[slot] += 1
             self._arrival[slot] = arrival
             self._ts[slot] = math.nan if ts is None else ts
+        return True
 
     def extend(
         self,
@@ -152,16 +204,18 @@ class TurbineBuffers:
         rows: Sequence[Sequence[float]],
         arrival: float,
         ts: float | None = None,
-    ) -> None:
-        """Append several samples, oldest first, that arrived together."""
+    ) -> bool:
+        """Append several samples, oldest first, that arrived together (False: slot freed)."""
         block = np.asarray(rows, dtype=np.float64)
         if block.ndim != 2 or block.shape[1] != N_RAW:
             raise ValueError(f"rows must have shape (k, {N_RAW}), got {block.shape}")
         k = block.shape[0]
         if k == 0:
-            return
+            return True
         keep = raw_to_features(block[-self.capacity :])
         with self.lock:
+            if self._ids[slot] is None:
+                return False
             if arrival - self._arrival[slot] > self.gap_reset_s:
                 self._count[slot] = 0
             w = self._write[slot]
@@ -171,6 +225,7 @@ class TurbineBuffers:
             self._count[slot] += k
             self._arrival[slot] = arrival
             self._ts[slot] = math.nan if ts is None else ts
+        return True
 
     # ---- reading (the tick's thread)
 

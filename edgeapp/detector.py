@@ -169,7 +169,6 @@ class Detector:
         self._scored = np.full(buffers.max_turbines, -math.inf)
         self._next_dashboard = -math.inf
         self._label: str | None = None
-        self._labelled = 0  # turbines (by slot order) that got the current label
         self._gathered: NDArray[np.float32] | None = None  # reused gather buffer
         self._capture_prefix = f"edge-app-{uuid.uuid4().hex[:12]}"
         self._captures = 0
@@ -194,7 +193,7 @@ class Detector:
         report = TickReport(status=state.status.value, label=state.label)
         self._announce(state.label)
         counts, arrival = self.buffers.state()
-        report.turbines = len(counts)
+        report.turbines = len(self.buffers)
         model = state.model
         if state.status is ModelStatus.LOADED and model is not None:
             n = model.params.buffer
@@ -214,7 +213,7 @@ class Detector:
         if dashboard:
             self._next_dashboard = self._clock() + self.dashboard_period_s
         client = self.follower.client
-        ids = self.buffers.ids
+        ids = self.buffers.slot_ids()
         pending: deque[tuple[_Chunk, Future[_Inference]]] = deque()
         try:
             for begin in range(0, len(ready), per_chunk):
@@ -241,7 +240,7 @@ class Detector:
         self,
         model: LoadedModel,
         slots: NDArray[np.intp],
-        ids: list[str],
+        ids: list[str | None],
         dashboard: bool,
         report: TickReport,
     ) -> _Chunk:
@@ -281,7 +280,7 @@ class Detector:
         report.add_ms("prepare", prepare_s)
         return _Chunk(
             slots=slots,
-            turbines=[ids[s] for s in slots],
+            turbines=[ids[s] or "" for s in slots],  # ready slots are held: never None
             arrival=arrival,
             ts=ts,
             windows=windows,
@@ -388,12 +387,12 @@ class Detector:
 
     def _announce(self, label: str) -> None:
         """Publish the label to every turbine when it changes, and to new turbines."""
-        ids = self.buffers.ids
+        added = self.buffers.take_added()
         if label != self._label:
-            self._label, self._labelled = label, 0
-        if len(ids) > self._labelled:
-            self.sink.status(ids[self._labelled :], label)
-            self._labelled = len(ids)
+            self._label = label
+            added = self.buffers.ids
+        if added:
+            self.sink.status(added, label)
 
     def _capture(
         self,

@@ -73,6 +73,9 @@ class DropReason(enum.StrEnum):
     """Message: a turbine outside the configured fixed list."""
     TOO_MANY_TURBINES = "too_many_turbines"
     """Message: a new turbine while ``max_turbines`` are already buffered."""
+    EVICTED = "evicted"
+    """Message: its turbine's slot was freed (silent for ``turbine_evict_s``) just as it
+    arrived; the turbine's next message gets a new slot."""
     INTERNAL = "internal"
     """Message: a bug in the daemon (logged with its traceback)."""
 
@@ -141,6 +144,7 @@ class Ingestor:
         self.samples = 0
         """Samples accepted into the buffers."""
         self._slot_of_topic: dict[str, int] = {}
+        self._evicted = 0  # buffers.evicted when the cache above was last valid
 
     # ---- entry points
 
@@ -150,6 +154,9 @@ class Ingestor:
         if len(payload) > self.max_payload_bytes:
             self.drops.add(DropReason.OVERSIZED, topic, arrival)
             return
+        if self.buffers.evicted != self._evicted:  # slots were freed: forget them
+            self._evicted = self.buffers.evicted
+            self._slot_of_topic.clear()
         slot = self._slot_of_topic.get(topic)
         turbine = None
         if slot is None:
@@ -222,8 +229,10 @@ class Ingestor:
                 if allocated is None:
                     return
                 slot = allocated
-            self.buffers.append(slot, row, arrival, ts)
-            self.samples += 1
+            if self.buffers.append(slot, row, arrival, ts):
+                self.samples += 1
+            else:
+                self.drops.add(DropReason.EVICTED, label, arrival)
             return
         self._ingest_many(obj, arrival, slot, turbine, label)
 
@@ -258,8 +267,10 @@ class Ingestor:
             if allocated is None:
                 return
             slot = allocated
-        self.buffers.extend(slot, rows, arrival, ts)
-        self.samples += len(rows)
+        if self.buffers.extend(slot, rows, arrival, ts):
+            self.samples += len(rows)
+        else:
+            self.drops.add(DropReason.EVICTED, label, arrival)
 
     def _check(self, sample: object) -> _Checked | DropReason:
         """A sample's 7 values (``RAW_FIELDS`` order) and its ts, or why it is dropped."""

@@ -10,13 +10,17 @@ package and scored by another is discarded, never published.
 No model, or no agent: the follower reports it ("Model not loaded", "Agent
 unavailable") and asks again after a delay that doubles up to a maximum; the
 buffers keep filling meanwhile, and the first successful answer resumes
-detection. A fresh gRPC channel is opened after the agent was unreachable, so
+detection. The log says why at once (the first failure too, at start), then at
+most once per ``log_interval_s`` while the failure lasts, with the count of
+failed attempts since. A fresh gRPC channel is opened after the agent was unreachable, so
 gRPC's own reconnect backoff (up to two minutes) never delays the recovery.
 """
 
 from __future__ import annotations
 
 import enum
+import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,10 +134,13 @@ class ModelFollower:
         retry_min_s: float,
         retry_max_s: float,
         buffer_length: int,
+        log_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._factory = client_factory
         self._client: ModelClient | None = None
+        self._client_lock = threading.Lock()  # cancel() comes from another thread
+        self._cancelled = False
         self.model_name = model_name
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
@@ -142,19 +149,37 @@ class ModelFollower:
         self._delay = 0.0
         self._next_attempt = 0.0
         self.state = ModelState(ModelStatus.UNAVAILABLE, "Agent unavailable")
+        self._reported = False  # the initial state was never logged: the first outcome is
+        self.log_interval_s = log_interval_s
+        self._logged_at = -math.inf
+        self._failures = 0  # failed attempts since the last line about them
+        self.reason: str | None = None
+        """Why the last attempt failed (None once a model is loaded)."""
         self.swaps = 0
 
     @property
     def client(self) -> ModelClient:
-        if self._client is None:
-            self._client = self._factory()
-        return self._client
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._factory()
+                if self._cancelled:
+                    self._client.close()  # every call on it fails at once
+            return self._client
 
     def close(self) -> None:
         """Close the connection (in-flight calls end with an error)."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def cancel(self) -> None:
+        """Any thread, when stopping: end the calls in flight and fail the later ones at once."""
+        with self._client_lock:
+            self._cancelled = True
+            client = self._client
+        if client is not None:
+            client.close()
 
     def refresh(self) -> ModelState:
         """Ask the agent which package it serves (unless a retry delay is running)."""
@@ -210,11 +235,14 @@ class ModelFollower:
             self._next_attempt = self._clock() + self._delay
         else:
             self._delay = 0.0
-        if state != self.state:
+        if state != self.state or not self._reported:
+            self._reported = True
+            self._failures = 0
+            self._logged_at = self._clock()
             event = log.info if state.status is ModelStatus.LOADED else log.warning
             model = state.model
             event(
-                "model state",
+                _EVENTS[state.status],
                 status=state.status.value,
                 label=state.label,
                 model=self.model_name,
@@ -223,5 +251,30 @@ class ModelFollower:
                 reason=str(why) if why is not None else None,
                 retry_in_s=round(self._delay, 3) if retry else None,
             )
+        elif state.status is not ModelStatus.LOADED:
+            self._failures += 1
+            now = self._clock()
+            if now - self._logged_at >= self.log_interval_s:
+                log.warning(
+                    _EVENTS[state.status],
+                    status=state.status.value,
+                    label=state.label,
+                    model=self.model_name,
+                    reason=str(why) if why is not None else None,
+                    failures=self._failures,
+                    since_s=round(now - self._logged_at, 1),
+                    retry_in_s=round(self._delay, 3),
+                )
+                self._logged_at = now
+                self._failures = 0
+        self.reason = str(why) if why is not None else None
         self.state = state
         return state
+
+
+_EVENTS = {
+    ModelStatus.LOADED: "model state",
+    ModelStatus.NOT_LOADED: "model not loaded",
+    ModelStatus.UNAVAILABLE: "agent unavailable",
+    ModelStatus.INVALID: "model invalid",
+}

@@ -8,24 +8,40 @@ wake-up byte through a socket pair and a network-thread pass per message):
 half a core of a 2-core device, as much as everything else the daemon does.
 This client reads what the socket holds in one ``recv``, cuts it into packets
 in one loop, and writes a tick's messages with one ``sendall``: about 6 us per
-received and 1 us per sent message (``bench/farm_scale.py`` measures both).
-The tests talk to it with paho, through a real mosquitto.
+received and 1 us per sent message (``bench/farm_scale.py`` and
+``bench/mqtt_client.py`` measure both). The tests talk to it with paho,
+through a real mosquitto.
 
 What it implements of MQTT 3.1.1 (OASIS, 2014), and nothing more: CONNECT
-(clean session, keep-alive) / CONNACK; one optional SUBSCRIBE / SUBACK, sent
-again after every reconnection; incoming PUBLISH at QoS 0 and 1 (a PUBACK for
-QoS 1; the subscription asks for at most QoS 1, so the broker never sends
-QoS 2); outgoing PUBLISH at QoS 0, retained or not; PINGREQ / PINGRESP;
-DISCONNECT on stop.
+(clean session, keep-alive, user name and password, a will) / CONNACK; one
+optional SUBSCRIBE / SUBACK, sent again after every reconnection; incoming
+PUBLISH at QoS 0 and 1 (a PUBACK for QoS 1; the subscription asks for at most
+QoS 1, so the broker never sends QoS 2); outgoing PUBLISH at QoS 0 or 1,
+retained or not, and the PUBACKs of QoS 1; PINGREQ / PINGRESP; DISCONNECT on
+stop. TLS (a CA, optionally a client certificate and key) wraps the socket;
+the reader and the writers then take turns on it under one lock, as an
+OpenSSL connection must not be read and written from two threads at once.
 
 One thread per client reads, keeps the connection alive and reconnects with a
 delay that doubles from ``reconnect_min_s`` to ``reconnect_max_s``; a broker
 silent for 1.5 keep-alive periods counts as gone. Publishing writes from the
-caller's thread while connected, and drops (and counts) messages while not:
-QoS 0, as the verdicts are superseded every tick anyway. A write that fails
-half-way closes the connection, so the broker discards the partial packet:
-a subscriber never sees half a message. Hooks run after every (re)connection
-on the client's thread (the publisher re-sends its retained labels there).
+caller's thread while connected. QoS 0 messages are dropped (and counted)
+while not connected: they are superseded every tick anyway. QoS 1 messages
+wait for their PUBACK in a bounded queue (``max_queued``, the oldest dropped
+and counted when full); while disconnected they only queue, and after a
+reconnection every unacknowledged one is sent again (DUP set when it had gone
+out before): at least once, in order. A write that fails half-way closes the
+connection, so the broker discards the partial packet: a subscriber never sees
+half a message. Hooks run after every (re)connection on the client's thread
+(the publisher re-sends its retained labels there).
+
+With a status topic, the client connects with a retained will ``offline``
+there, publishes a retained ``online`` after every connection, and a retained
+``offline`` before a clean DISCONNECT (which discards the will).
+
+The broker closing a connection it had just accepted, and accepting the next
+one at once, is what a second client with the same client id causes (each
+connection takes the session over from the other): the log names that cause.
 
 An incoming packet larger than ``max_packet_bytes`` is skipped as it streams
 past (never buffered) and reported to ``on_oversized``.
@@ -34,13 +50,17 @@ past (never buffered) and reported to ``on_oversized``.
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -51,6 +71,7 @@ __all__ = [
     "MqttProtocolError",
     "OversizedHandler",
     "publish_packet",
+    "tls_context",
 ]
 
 log = structlog.get_logger("edgeapp.mqtt")
@@ -68,10 +89,39 @@ class BrokerConfig:
     keepalive_s: int = 30
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
+    tls: ssl.SSLContext | None = None
+    """TLS to the broker (``tls_context``); None: plain TCP."""
+    username: str | None = None
+    password: str | None = None
+
+
+def tls_context(
+    ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A client TLS context: the broker verified against ``ca_file`` (None: the system's
+    CAs) and its host name; a client certificate when ``cert_file`` is given.
+
+    Raises ValueError naming the file that cannot be used."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use the CA file {ca_file}: {exc}") from exc
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cannot use the client certificate {cert_file} / key {key_file}: {exc}"
+            ) from exc
+    return context
 
 
 class MqttProtocolError(ConnectionError):
     """The broker broke the protocol or refused us; the connection is dropped and retried."""
+
+
+class _BrokerClosedError(ConnectionResetError):
+    """The broker ended the connection (end of stream)."""
 
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
@@ -81,12 +131,20 @@ _DISCONNECT_PACKET = b"\xe0\x00"
 _RECV_BYTES = 256 * 1024
 _POLL_S = 0.25  # how often the reader looks at the stop flag and the keep-alive
 _IO_TIMEOUT_S = 5.0  # connect, CONNACK, and a write the broker does not take
+_TLS_ENDED = (
+    "the broker ended the TLS session before CONNACK "
+    "(does it require a client certificate, or not trust this one?)"
+)
+MAX_QUEUED = 60_000
+"""QoS 1 messages awaiting their PUBACK at most: packet ids are 16 bits."""
+_TAKEOVER_WINDOW_S = 10.0  # a connection the broker ends sooner may have been taken over
+_TAKEOVER_LOG_INTERVAL_S = 60.0
 _CONNACK_CODES = {
     1: "unacceptable protocol version",
     2: "client identifier rejected",
     3: "server unavailable",
     4: "bad user name or password",
-    5: "not authorised",
+    5: "not authorised (user name or password wrong or missing, or not allowed)",
 }
 
 
@@ -106,8 +164,27 @@ def _utf8(text: str) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def connect_packet(client_id: str, keepalive_s: int) -> bytes:
-    body = _utf8("MQTT") + bytes((4, 0x02)) + struct.pack("!H", keepalive_s) + _utf8(client_id)
+def connect_packet(
+    client_id: str,
+    keepalive_s: int,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    will: tuple[str, bytes] | None = None,
+) -> bytes:
+    """CONNECT with a clean session; the will (topic, payload) is QoS 1 and retained."""
+    flags = 0x02
+    payload = _utf8(client_id)
+    if will is not None:
+        flags |= 0x04 | (1 << 3) | 0x20
+        payload += _utf8(will[0]) + struct.pack("!H", len(will[1])) + will[1]
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _utf8(password)
+    body = _utf8("MQTT") + bytes((4, flags)) + struct.pack("!H", keepalive_s) + payload
     return bytes((_CONNECT << 4,)) + _remaining_length(len(body)) + body
 
 
@@ -116,16 +193,37 @@ def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
     return bytes((_SUBSCRIBE << 4 | 0x02,)) + _remaining_length(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes, *, retain: bool = False) -> bytes:
-    """A QoS 0 PUBLISH packet."""
+def publish_packet(
+    topic: str, payload: bytes, *, retain: bool = False, packet_id: int | None = None
+) -> bytes:
+    """A PUBLISH packet: QoS 0, or QoS 1 with ``packet_id`` (DUP clear: ``_DUP`` is or-ed
+    into byte 0 for a resend)."""
     name = topic.encode()
+    if packet_id is None:
+        header, ident = (b"\x31" if retain else b"\x30"), b""
+    else:
+        header, ident = (b"\x33" if retain else b"\x32"), struct.pack("!H", packet_id)
     return (
-        (b"\x31" if retain else b"\x30")
-        + _remaining_length(2 + len(name) + len(payload))
+        header
+        + _remaining_length(2 + len(name) + len(ident) + len(payload))
         + struct.pack("!H", len(name))
         + name
+        + ident
         + payload
     )
+
+
+_DUP = 0x08
+
+
+class _Pending:
+    """A QoS 1 message awaiting its PUBACK."""
+
+    __slots__ = ("packet", "sent")
+
+    def __init__(self, packet: bytes) -> None:
+        self.packet = packet
+        self.sent = False  # went out on some connection (a resend carries DUP)
 
 
 class MqttClient:
@@ -141,17 +239,23 @@ class MqttClient:
         on_message: MessageHandler | None = None,
         on_oversized: OversizedHandler | None = None,
         max_packet_bytes: int = 1024 * 1024,
+        status_topic: str | None = None,
+        max_queued: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
         if subscription is not None and on_message is None:
             raise ValueError("a subscription needs on_message")
+        if not 1 <= max_queued <= MAX_QUEUED:
+            raise ValueError(f"max_queued must be within 1..{MAX_QUEUED}")
         self.broker = broker
         self.client_id = client_id
         self.subscription = subscription
         self.qos = qos
         self.max_packet_bytes = max_packet_bytes
+        self.status_topic = status_topic
+        self.max_queued = max_queued
         self._on_message = on_message
         self._on_oversized = on_oversized
         self._hooks: list[Callable[[MqttClient], None]] = []
@@ -163,11 +267,26 @@ class MqttClient:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._skip = 0  # bytes still to skip of an oversized packet
+        # QoS 1 messages awaiting their PUBACK, by packet id, oldest first. At most
+        # max_queued (< 65535, so a free packet id always exists). Guarded by _sock_lock.
+        self._unacked: OrderedDict[int, _Pending] = OrderedDict()
+        self._next_id = 1
+        self._tls_lock: threading.Lock | contextlib.nullcontext[None] = (
+            self._sock_lock if broker.tls is not None else contextlib.nullcontext()
+        )
         self.connects = 0
         self.received = 0
         self.sent = 0
         self.unsent = 0
-        """Messages not sent because the broker was unreachable at the time."""
+        """QoS 0 messages not sent because the broker was unreachable at the time."""
+        self.acked = 0
+        """QoS 1 messages the broker acknowledged."""
+        self.overflowed = 0
+        """QoS 1 messages dropped unacknowledged because the queue was full."""
+        self.takeovers = 0
+        """Connections the broker ended and took back at once (a client id in use twice)."""
+        self._takeover_logged = -math.inf
+        self._overflow_logged = -math.inf
         self.handler_errors = 0
 
     # ---- lifecycle
@@ -188,8 +307,11 @@ class MqttClient:
             sock = self._sock
             # OSError: the broker is gone already, or the socket is not connected (yet)
             if sock is not None and self._connected.is_set():
+                goodbye = _DISCONNECT_PACKET
+                if self.status_topic is not None:  # a clean DISCONNECT discards the will
+                    goodbye = publish_packet(self.status_topic, b"offline", retain=True) + goodbye
                 with contextlib.suppress(OSError):
-                    sock.sendall(_DISCONNECT_PACKET)
+                    sock.sendall(goodbye)
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
@@ -209,45 +331,100 @@ class MqttClient:
     def wait_subscribed(self, timeout: float) -> bool:
         return self._subscribed.wait(timeout)
 
+    @property
+    def queued(self) -> int:
+        """QoS 1 messages not yet acknowledged (waiting to be sent, or for their PUBACK)."""
+        return len(self._unacked)
+
     # ---- publishing (any thread)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
-        """Send one QoS 0 message; False (and counted) when not connected."""
-        return self.publish_many([(topic, payload)], retain=retain) == 1
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 0) -> bool:
+        """Send one message; QoS 0: False (and counted) when not connected."""
+        return self.publish_many([(topic, payload)], retain=retain, qos=qos) == 1
 
-    def publish_many(self, messages: Iterable[tuple[str, bytes]], *, retain: bool = False) -> int:
-        """Send QoS 0 messages with one write; returns how many were sent (all or none)."""
+    def publish_many(
+        self, messages: Iterable[tuple[str, bytes]], *, retain: bool = False, qos: int = 0
+    ) -> int:
+        """Send messages with one write. QoS 0: returns how many were sent (all or none).
+        QoS 1: all are queued until acknowledged (sent now when connected); returns how many."""
+        if qos == 1:
+            return self._publish_qos1(messages, retain)
         packets = [publish_packet(topic, payload, retain=retain) for topic, payload in messages]
         if not packets:
             return 0
-        data = b"".join(packets)
         with self._sock_lock:
-            sock = self._sock if self._connected.is_set() else None
-            if sock is not None:
-                try:
-                    sock.sendall(data)
-                except OSError as exc:
-                    # part of a packet may have gone out: close the connection so the
-                    # broker drops it, and let the reader reconnect
-                    log.warning("publishing failed", client=self.client_id, error=str(exc))
-                    self._connected.clear()
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                    sock = None
-        if sock is None:
+            sent = self._write(b"".join(packets))
+        if not sent:
             self.unsent += len(packets)
             return 0
         self.sent += len(packets)
         return len(packets)
 
+    def _publish_qos1(self, messages: Iterable[tuple[str, bytes]], retain: bool) -> int:
+        with self._sock_lock:
+            unacked = self._unacked
+            fresh: list[tuple[int, bytes]] = []
+            overflow = 0
+            for topic, payload in messages:
+                if len(unacked) >= self.max_queued:  # the oldest goes (a new one only if the
+                    unacked.popitem(last=False)  # batch alone overflows)
+                    overflow += 1
+                packet_id = self._packet_id()
+                packet = publish_packet(topic, payload, retain=retain, packet_id=packet_id)
+                unacked[packet_id] = _Pending(packet)
+                fresh.append((packet_id, packet))
+            self.overflowed += overflow
+            if overflow:
+                fresh = [(i, p) for i, p in fresh if i in unacked]
+            if fresh and self._write(b"".join(p for _i, p in fresh)):
+                for packet_id, _packet in fresh:
+                    unacked[packet_id].sent = True
+                self.sent += len(fresh)
+        if overflow and self._clock() - self._overflow_logged >= _TAKEOVER_LOG_INTERVAL_S:
+            self._overflow_logged = self._clock()
+            log.warning(
+                "publish queue full: oldest unacknowledged messages dropped",
+                client=self.client_id,
+                dropped_total=self.overflowed,
+                max_queued=self.max_queued,
+            )
+        return len(fresh)
+
+    def _packet_id(self) -> int:
+        """A packet id not in use (under ``_sock_lock``)."""
+        packet_id = self._next_id
+        while packet_id in self._unacked:
+            packet_id = packet_id % 65535 + 1
+        self._next_id = packet_id % 65535 + 1
+        return packet_id
+
+    def _write(self, data: bytes) -> bool:
+        """Send ``data`` on the current connection (under ``_sock_lock``); False if none."""
+        sock = self._sock if self._connected.is_set() else None
+        if sock is None:
+            return False
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            # part of a packet may have gone out: close the connection so the
+            # broker drops it, and let the reader reconnect
+            log.warning("publishing failed", client=self.client_id, error=str(exc))
+            self._connected.clear()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return False
+        return True
+
     # ---- the thread
 
     def _run(self) -> None:
         delay = float(self.broker.reconnect_min_s)
+        taken_over = False  # the last connection was ended by the broker soon after it began
         while not self._stop.is_set():
             try:
                 sock = self._connect()
             except (OSError, MqttProtocolError) as exc:
+                taken_over = False
                 log.warning(
                     "cannot connect to the broker",
                     client=self.client_id,
@@ -255,13 +432,22 @@ class MqttClient:
                     retry_in_s=delay,
                 )
             else:
-                delay = float(self.broker.reconnect_min_s)
+                if taken_over:
+                    self._took_over()
+                else:
+                    delay = float(self.broker.reconnect_min_s)
+                taken_over = False
+                connected_at = self._clock()
                 try:
                     for hook in self._hooks:
                         hook(self)
                     self._read(sock)
                 except (OSError, MqttProtocolError) as exc:
                     if not self._stop.is_set():
+                        taken_over = (
+                            isinstance(exc, _BrokerClosedError)
+                            and self._clock() - connected_at < _TAKEOVER_WINDOW_S
+                        )
                         log.warning(
                             "disconnected from the broker; reconnecting",
                             client=self.client_id,
@@ -275,6 +461,25 @@ class MqttClient:
             delay = min(delay * 2, float(self.broker.reconnect_max_s))
         self._close()
 
+    def _took_over(self) -> None:
+        """The broker ended our connection and accepted the next at once: the sign of
+        another client with our client id (each connection takes the session over)."""
+        self.takeovers += 1
+        now = self._clock()
+        if now - self._takeover_logged >= _TAKEOVER_LOG_INTERVAL_S:
+            self._takeover_logged = now
+            log.error(
+                "another MQTT client is probably using this client id",
+                client=self.client_id,
+                likely_cause=(
+                    f"the broker ended the connection of {self.client_id!r} soon after "
+                    "accepting it, and accepted the next one at once: that is what a second "
+                    "client connecting with the same client id does (e.g. two edge-app daemons "
+                    "with the same mqtt_client_id on one broker); give each its own"
+                ),
+                takeovers=self.takeovers,
+            )
+
     def _close(self) -> None:
         with self._sock_lock:
             sock, self._sock = self._sock, None
@@ -284,14 +489,28 @@ class MqttClient:
             sock.close()
 
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection((self.broker.host, self.broker.port), timeout=_IO_TIMEOUT_S)
+        broker = self.broker
+        sock = socket.create_connection((broker.host, broker.port), timeout=_IO_TIMEOUT_S)
         try:
-            sock.sendall(connect_packet(self.client_id, self.broker.keepalive_s))
+            if broker.tls is not None:
+                sock = broker.tls.wrap_socket(sock, server_hostname=broker.host)
+            will = None if self.status_topic is None else (self.status_topic, b"offline")
+            sock.sendall(
+                connect_packet(
+                    self.client_id,
+                    broker.keepalive_s,
+                    username=broker.username,
+                    password=broker.password,
+                    will=will,
+                )
+            )
             ack = b""
             while len(ack) < 4:
                 chunk = sock.recv(4 - len(ack))
                 if not chunk:
-                    raise ConnectionResetError("the broker closed the connection")
+                    raise ConnectionResetError(
+                        _TLS_ENDED if broker.tls is not None else "the broker closed the connection"
+                    )
                 ack += chunk
             if ack[0] >> 4 != _CONNACK or ack[1] != 2:
                 raise MqttProtocolError(f"expected CONNACK, got {ack.hex()}")
@@ -300,21 +519,46 @@ class MqttClient:
                 raise MqttProtocolError(f"broker refused the connection: {reason}")
             if self.subscription is not None:
                 sock.sendall(subscribe_packet(1, self.subscription, self.qos))
+            if self.status_topic is not None:
+                sock.sendall(publish_packet(self.status_topic, b"online", retain=True))
+        except ssl.SSLEOFError as exc:  # TLS 1.3: a refused client certificate can look so
+            sock.close()
+            raise MqttProtocolError(_TLS_ENDED) from exc
         except BaseException:
             sock.close()
             raise
         with self._sock_lock:
             self._sock = sock
             self._connected.set()
+            resent = self._resend()
         self.connects += 1
         log.info(
             "connected to the broker",
             client=self.client_id,
             host=self.broker.host,
             port=self.broker.port,
+            tls=self.broker.tls is not None,
             reconnect=self.connects > 1,
+            resent=resent or None,
         )
         return sock
+
+    def _resend(self) -> int:
+        """After connecting (under ``_sock_lock``): every unacknowledged QoS 1 message, in
+        order, DUP set on those that went out before."""
+        if not self._unacked:
+            return 0
+        packets = []
+        for entry in self._unacked.values():
+            packet = entry.packet
+            if entry.sent:
+                packet = bytes((packet[0] | _DUP,)) + packet[1:]
+            packets.append(packet)
+            entry.sent = True
+        if not self._write(b"".join(packets)):
+            return 0
+        self.sent += len(packets)
+        return len(packets)
 
     def _read(self, sock: socket.socket) -> None:
         keepalive = float(self.broker.keepalive_s)
@@ -329,12 +573,16 @@ class MqttClient:
                 last_ping = now
             if now - last_received > 1.5 * keepalive:
                 raise MqttProtocolError(f"nothing from the broker for {1.5 * keepalive:.0f} s")
-            readable, _, _ = select.select([sock], [], [], _POLL_S)
-            if not readable:
-                continue
-            chunk = sock.recv(_RECV_BYTES)
+            # TLS: decrypted bytes may wait in the SSL object, unseen by select
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            if not pending:
+                readable, _, _ = select.select([sock], [], [], _POLL_S)
+                if not readable:
+                    continue
+            with self._tls_lock:
+                chunk = sock.recv(_RECV_BYTES)
             if not chunk:
-                raise ConnectionResetError("the broker closed the connection")
+                raise _BrokerClosedError("the broker closed the connection")
             last_received = self._clock()
             if self._skip:
                 skipped = min(self._skip, len(chunk))
@@ -399,9 +647,13 @@ class MqttClient:
             else:
                 if end > size:
                     return pos
-                if kind == _SUBACK:
+                if kind == _PUBACK and length == 2:
+                    with self._sock_lock:
+                        if self._unacked.pop((buf[at] << 8) | buf[at + 1], None) is not None:
+                            self.acked += 1
+                elif kind == _SUBACK:
                     self._suback(buf[at:end])
-                elif kind not in (_PINGRESP, _PUBACK):
+                elif kind != _PINGRESP:
                     raise MqttProtocolError(f"unexpected packet type {kind} from the broker")
             pos = end
         return pos

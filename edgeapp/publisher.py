@@ -123,8 +123,11 @@ def dashboard_payloads(
 class MqttPublisher:
     """The ``VerdictSink`` of the daemon: publishes on the device's local broker.
 
-    Each call writes its messages with one ``publish_many`` (one socket write);
-    while the broker is away they are dropped and counted (QoS 0).
+    Each call writes its messages with one ``publish_many`` (one socket write).
+    Verdicts go at ``verdict_qos``: at 1 they wait in the client's bounded queue
+    while the broker is away; labels and dashboard figures go at QoS 0 and are
+    dropped (and counted) meanwhile: labels are sent again on reconnection, and
+    dashboard figures are superseded within a second.
     """
 
     def __init__(
@@ -133,14 +136,19 @@ class MqttPublisher:
         client: MqttClient,
         topics: Topics,
         dashboard_samples: int = 100,
+        verdict_qos: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
+        self.verdict_qos = verdict_qos
         self.topics = topics
         self.dashboard_samples = dashboard_samples
         self._clock = clock
         self._labels: dict[str, str] = {}
         self._labels_lock = threading.Lock()
+        self._latencies = 0  # verdicts since take_latency(), their latency sum and max (ms)
+        self._latency_sum = 0.0
+        self._latency_max = 0.0
 
     @property
     def published(self) -> int:
@@ -148,8 +156,14 @@ class MqttPublisher:
 
     @property
     def unpublished(self) -> int:
-        """Messages not sent because the broker was unreachable at the time."""
-        return self.client.unsent
+        """Messages lost: QoS 0 ones sent while the broker was unreachable, QoS 1 ones
+        dropped from a full queue."""
+        return self.client.unsent + self.client.overflowed
+
+    @property
+    def queued(self) -> int:
+        """QoS 1 verdicts not acknowledged by the broker yet."""
+        return self.client.queued
 
     def on_connected(self, client: MqttClient) -> None:
         """After a (re)connection: the labels again (the broker may have restarted)."""
@@ -158,10 +172,32 @@ class MqttPublisher:
         label = self.topics.label
         client.publish_many(((label(t), status_payload(text)) for t, text in labels), retain=True)
 
+    def forget(self, turbines: Sequence[str]) -> None:
+        """Turbines gone (evicted): clear their retained label, stop re-sending it."""
+        with self._labels_lock:
+            for turbine in turbines:
+                self._labels.pop(turbine, None)
+        label = self.topics.label
+        self.client.publish_many(((label(t), b"") for t in turbines), retain=True)
+
+    def take_latency(self) -> tuple[int, float, float]:
+        """``(verdicts, mean ms, max ms)`` of the verdicts since the last call."""
+        count, total, top = self._latencies, self._latency_sum, self._latency_max
+        self._latencies, self._latency_sum, self._latency_max = 0, 0.0, 0.0
+        return count, (total / count if count else 0.0), top
+
     def verdicts(self, batch: VerdictBatch) -> None:
-        payloads = verdict_payloads(batch, self._clock())
+        now = self._clock()
+        payloads = verdict_payloads(batch, now)
+        if len(batch.arrival):
+            latency = (now - batch.arrival) * 1000.0
+            self._latencies += len(latency)
+            self._latency_sum += float(latency.sum())
+            self._latency_max = max(self._latency_max, float(latency.max()))
         anomalies = self.topics.anomalies
-        self.client.publish_many(zip(map(anomalies, batch.turbines), payloads, strict=True))
+        self.client.publish_many(
+            zip(map(anomalies, batch.turbines), payloads, strict=True), qos=self.verdict_qos
+        )
 
     def status(self, turbines: Sequence[str], label: str) -> None:
         payload = status_payload(label)

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edgeapp.errors import ConfigError
@@ -48,6 +48,14 @@ class AppSettings(EnvOverFileSettings):
     agent_retry_max_s: float = Field(
         5.0, gt=0, description="Longest retry delay (the delay doubles up to this)."
     )
+    agent_log_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "The agent unreachable or without the model: said at once with the reason, "
+            "then at most once per interval while it lasts."
+        ),
+    )
 
     # -- where samples come from -------------------------------------------------------
     source: Literal["mqtt", "replay"] = Field(
@@ -64,6 +72,38 @@ class AppSettings(EnvOverFileSettings):
         min_length=1,
         max_length=20,
         description="Client id prefix; the daemon connects as <id>-src and <id>-pub.",
+    )
+    mqtt_tls: bool = Field(False, description="TLS to the broker (its certificate verified).")
+    mqtt_ca_file: Path | None = Field(
+        None,
+        description="CA certificate(s) (PEM) the broker's certificate must chain to; "
+        "unset: the system's CAs.",
+    )
+    mqtt_cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) for brokers that require one."
+    )
+    mqtt_key_file: Path | None = Field(
+        None, description="Its private key (PEM); unset: the key is in mqtt_cert_file."
+    )
+    mqtt_username: str | None = Field(None, min_length=1, description="Broker user name.")
+    mqtt_password: SecretStr | None = Field(
+        None, description="Its password (better: WINDEDGE_APP_MQTT_PASSWORD)."
+    )
+    mqtt_status_topic: str = Field(
+        "edge-app/status",
+        description=(
+            'Retained "online" after every connection; "offline" at a clean stop and, as '
+            "the will, when the connection is lost. Empty: none."
+        ),
+    )
+    mqtt_verdict_qos: Literal[0, 1] = Field(
+        1, description="QoS of verdicts; 1: kept (bounded) while the broker is away, re-sent."
+    )
+    mqtt_max_queued: int = Field(
+        10_000,
+        ge=1,
+        le=60_000,  # edgeapp.mqtt.MAX_QUEUED: MQTT packet ids are 16 bits
+        description="QoS 1 verdicts kept unacknowledged at most; beyond, the oldest are dropped.",
     )
     mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive interval.")
     mqtt_reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay.")
@@ -106,6 +146,14 @@ class AppSettings(EnvOverFileSettings):
         ge=2,
         le=100_000,
         description="Samples kept per turbine; at least the model's preprocessing buffer.",
+    )
+    turbine_evict_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "A learned turbine silent for longer gives its slot back (junk ids cannot fill "
+            "the table for good); fixed turbines keep theirs."
+        ),
     )
     gap_reset_s: float = Field(
         10.0,
@@ -161,6 +209,13 @@ class AppSettings(EnvOverFileSettings):
     status_period_s: float = Field(
         10.0, gt=0, description="How often a STATUS= line (counters) goes to systemd."
     )
+    log_summary_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "One INFO summary line per interval (counts, latencies); per-tick lines at DEBUG."
+        ),
+    )
     log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
 
     @field_validator("mqtt_topic")
@@ -174,6 +229,13 @@ class AppSettings(EnvOverFileSettings):
             )
         if any("+" in level for level in levels if level != "+"):
             raise ValueError(f"{value!r}: '+' must be a whole level")
+        return value
+
+    @field_validator("mqtt_status_topic")
+    @classmethod
+    def _status_topic(cls, value: str) -> str:
+        if value and not _TOPIC_PREFIX_RE.fullmatch(value):
+            raise ValueError(f"{value!r}: not a topic (no wildcards, blanks, empty levels)")
         return value
 
     @field_validator("topic_prefix")
@@ -208,6 +270,13 @@ class AppSettings(EnvOverFileSettings):
             raise ValueError("agent_retry_max_s must be >= agent_retry_min_s")
         if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
             raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
+        files = (self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
+        if not self.mqtt_tls and any(f is not None for f in files):
+            raise ValueError("mqtt_ca_file, mqtt_cert_file and mqtt_key_file need mqtt_tls = true")
+        if self.mqtt_key_file is not None and self.mqtt_cert_file is None:
+            raise ValueError("mqtt_key_file needs mqtt_cert_file")
+        if self.mqtt_password is not None and self.mqtt_username is None:
+            raise ValueError("mqtt_password needs mqtt_username")
         if self.source == "replay" and self.replay_file is None:
             raise ValueError("source = 'replay' needs replay_file")
         if self.turbines is not None and len(self.turbines) > self.max_turbines:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import capture, models, package, training
+from edgectl.commands import capture, cloud, config, demo, deploy, models, ota, package, sim, training
 from edgectl.errors import CommandError
 
 
@@ -21,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     package.add_parser(sub)
     capture.add_parser(sub)
+    config.add_parser(sub)
+    cloud.add_parser(sub)
+    deploy.add_parser(sub)
+    ota.add_parser(sub)
+    sim.add_parser(sub)
+    demo.add_parser(sub)
     training.add_parser(sub)
     return parser
 
@@ -33,6 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, AgentError) as exc:
         kind = type(exc).__name__.removesuffix("Error") or "Error"
         print(f"edgectl: {kind}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # the file system said no (permissions, a full disk, I/O): its own
+        # words, never a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"edgectl: {type(exc).__name__}:{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything windedge needs on a Debian/Ubuntu machine:
-#   - Debian packages that are missing (mosquitto for the local broker),
+#   - Debian packages that are missing (mosquitto for the local broker, systemd
+#     and systemd-container for the device-installation tests),
 #   - .venv/ in the repository root with the project installed editable,
 #     with its dev extras and the train extra (torch, CPU build: the test suite
 #     runs a short training).
@@ -14,6 +15,12 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # --- Debian packages --------------------------------------------------------
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# the device-installation tests: systemd-analyze/-sysusers/-tmpfiles, systemctl --root,
+# and systemd-nspawn to boot the installed units under a real systemd
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
+# the dashboard's browser tests drive Debian's headless chromium through Playwright
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -51,9 +58,9 @@ fi
 stamp=.venv/.windedge-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing windedge (editable, dev and train extras) into .venv"
+  log "installing windedge (editable, dev, local and train extras) into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[dev,train]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
+  .venv/bin/python -m pip install -q -e '.[dev,local,train]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
   .venv/bin/python -c 'import edgeagent, onnxruntime, grpc, torch' # fail loudly if the install did not work
   echo "$want" > "$stamp"
 fi

@@ -44,6 +44,7 @@ from edgeagent.package import (
     sign,
 )
 from tests.harness import short_dir, toml_text
+from tests.localcloud import local_cloud, new_thing, start_local_cloud  # noqa: F401 - shared fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "models" / "wind-turbine-1.0.tar.gz"
@@ -293,6 +294,12 @@ def _resign(package: Path, key: Ed25519PrivateKey, **changes: Any) -> None:
     data = manifest.model_copy(update={"files": files, **changes}).to_json_bytes()
     (package / "manifest.json").write_bytes(data)
     (package / "manifest.sig").write_bytes(sign(data, key))
+
+
+@pytest.fixture(scope="session")
+def resign() -> Callable[..., None]:
+    """``resign(package_dir, key, **manifest changes)``: fresh hashes, signed again."""
+    return _resign
 
 
 def _large_onnx(path: Path, megabytes: int) -> Path:

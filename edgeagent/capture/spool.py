@@ -17,21 +17,31 @@ base64 of auxiliary payloads that go to side files); the record is the
 capture's final JSON record (``edgeagent.capture.build_record``), rendered
 once, here, and uploaded as these very bytes.
 
-Durability (the choice, and its budget): ``put`` checks the spool's limits,
-queues the request and returns; a writer thread renders queued captures,
-appends them and fsyncs them as a group (group commit: captures that arrive
-within ``capture_commit_window_seconds``, default 20 ms, share one write and
-one fsync). So CaptureData never waits for the disk and never holds a gRPC
-worker on I/O, and capturing every prediction costs Predict almost nothing
-(measured: test_capture_latency.py). What a crash or power loss can lose is
-bounded: at most ``capture_max_unsynced`` acknowledged captures (queued or
-written but not yet fsynced; past that number CaptureData answers
-RESOURCE_EXHAUSTED until the disk catches up), in practice those acknowledged
-during the last commit window plus one fsync. A process crash alone (SIGKILL,
-OOM) loses only what was still queued, since written data is in the page
-cache. With ``capture_sync_ack`` the call returns only once its record is
-fsynced (no window; about one fsync of latency per call), and nothing
-acknowledged is ever lost.
+Durability (the choice, and its budget): ``put`` renders the record on the
+caller's thread, checks the spool's limits and the real free space of its
+file system, and queues the line; a writer thread appends queued lines and
+fsyncs them as a group.
+
+- **Durable (the default, ``capture_sync_ack = true``)**: CaptureData returns
+  once its record is fsynced. Group commit: one write and one fsync serve
+  every capture that arrived while the previous fsync ran, so durability costs
+  a few milliseconds of latency, not throughput (bench/capture_durability.py).
+  Nothing acknowledged is ever lost, not to a crash nor to a power loss.
+- **Non-durable** (``capture_sync_ack = false``): CaptureData returns once
+  the record is queued; the writer waits ``capture_commit_window_seconds``
+  to gather a group. A power loss can lose at most ``capture_max_unsynced``
+  acknowledged captures (past that number CaptureData answers
+  RESOURCE_EXHAUSTED until the disk catches up); a process crash (SIGKILL,
+  OOM) what was still queued.
+
+A full disk never costs an acknowledged capture. Before acknowledging, ``put``
+checks the file system's free space less the bytes still queued, and keeps
+``capture_spool_reserve_bytes`` free: past that, a new capture is refused at
+once with RESOURCE_EXHAUSTED "spool disk full". Should a write still fail
+(another process filled the disk), a durable capture's caller, still waiting,
+gets that refusal immediately (it was never acknowledged), and acknowledged
+non-durable captures stay queued, IN_PROGRESS, and are written when space
+returns; meanwhile new captures are refused.
 
 A segment is sealed (fsynced, renamed ``.sealed-<epoch>``, directory fsynced)
 when it holds ``capture_batch_size`` records or its first record is
@@ -65,8 +75,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edgeagent.capture import CaptureRequest, CaptureStatus, StatusBook, build_record
-from edgeagent.errors import ResourceExhaustedError
-from edgecommon.fsutil import atomic_write_bytes, fsync_dir
+from edgeagent.errors import InvalidArgumentError, ResourceExhaustedError
+from edgecommon.fsutil import atomic_write_bytes, free_bytes, fsync_dir
 
 if TYPE_CHECKING:
     from edgeagent.settings import AgentSettings
@@ -80,6 +90,9 @@ JOURNAL_FILE = "statuses.log"
 CRASH_POINT_ENV = "WINDEDGE_CAPTURE_CRASH_POINT"
 _JOURNAL_COMPACT_MIN = 1024 * 1024
 SYNC_ACK_TIMEOUT_S = 30.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_RETRY_MIN_S = 0.1  # a failed write of acknowledged captures is retried after this, doubling
+_RETRY_MAX_S = 2.0
 
 
 class SpoolLockedError(OSError):
@@ -306,8 +319,9 @@ class SpoolConfig:
     batch_size: int = 64
     push_period: float = 4.0
     max_unsynced: int = 64
-    sync_ack: bool = False
+    sync_ack: bool = True
     commit_window: float = 0.02
+    reserve_bytes: int = 16 * 1024 * 1024  # free space the spool never takes
 
 
 def spool_config(settings: AgentSettings) -> SpoolConfig:
@@ -322,13 +336,14 @@ def spool_config(settings: AgentSettings) -> SpoolConfig:
         max_unsynced=settings.capture_max_unsynced,
         sync_ack=settings.capture_sync_ack,
         commit_window=settings.capture_commit_window_seconds,
+        reserve_bytes=settings.capture_spool_reserve_bytes,
     )
 
 
 @dataclass(slots=True)
 class _Queued:
-    request: CaptureRequest
-    estimate: int
+    capture_id: str
+    line: bytes  # the rendered spool line
     ticket: int
 
 
@@ -355,9 +370,19 @@ class CaptureSpool:
         self._open_fd: int | None = None
         self._next_seq = 1
         self._records = 0  # queued + in segments
-        self._bytes = 0  # estimates of queued + segment sizes
+        self._bytes = 0  # queued lines + segment sizes
+        self._pending = 0  # bytes queued, not yet written
+        # durable group commit: the callers a commit released, and when
+        self._released = 0
+        self._queued_at_release = 0
+        self._released_at = 0.0
+        self._commit_seconds = 0.0  # recent write + fsync time (moving average)
         self._next_ticket = 1
         self._durable_ticket = 0
+        self._failed: dict[int, str] = {}  # ticket -> why its (durable) capture was not written
+        self._write_error: OSError | None = None  # acknowledged captures wait for the disk
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_MIN_S
         self._flush_requested = False
         self._closing = False
         self._writer_idle = False  # waiting for work (not collecting a group)
@@ -402,26 +427,30 @@ class CaptureSpool:
                 log.error("capture writer did not stop in time")
                 return
         else:
-            self._write_queued()
+            with contextlib.suppress(OSError):  # logged; what could not be written is FAILURE
+                self._write_queued(last_attempt=True)
         self._close_open_fd()
+        if self._open is not None and not self._open.ids:  # opened ahead, never used
+            with contextlib.suppress(OSError):
+                self._open.path.unlink()
+            self._open = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # -- the sink ------------------------------------------------------------------
     def put(self, request: CaptureRequest) -> None:
-        estimate = request.payload_bytes() * 4 // 3 + 1024
+        """Accept a capture (RESOURCE_EXHAUSTED when it cannot be kept).
+
+        Durable mode returns once the record is fsynced; otherwise once queued.
+        """
+        try:
+            line = self._render(request)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"capture cannot be recorded: {exc}") from None
         cfg = self._config
         with self._cond:
-            reason = None
-            if self._closing:
-                reason = "the agent is stopping"
-            elif self._records >= cfg.max_records:
-                reason = f"capture spool full ({self._records} captures waiting for upload)"
-            elif self._bytes + estimate > cfg.max_bytes:
-                reason = f"capture spool full ({self._bytes} bytes waiting for upload)"
-            elif len(self._queue) >= cfg.max_unsynced:
-                reason = f"capture spool writer behind ({len(self._queue)} captures not on disk)"
+            reason = self._refusal(len(line))
             if reason is not None:
                 self._count("dropped")
                 self._dropped_ids.append(request.capture_id)
@@ -429,9 +458,10 @@ class CaptureSpool:
                 raise ResourceExhaustedError(reason)
             ticket = self._next_ticket
             self._next_ticket += 1
-            self._queue.append(_Queued(request, estimate, ticket))
+            self._queue.append(_Queued(request.capture_id, line, ticket))
             self._records += 1
-            self._bytes += estimate
+            self._bytes += len(line)
+            self._pending += len(line)
             self._count("accepted")
             if self._writer_idle or cfg.sync_ack or len(self._queue) >= cfg.max_unsynced // 2:
                 self._cond.notify_all()  # otherwise the writer is already collecting a group
@@ -440,12 +470,36 @@ class CaptureSpool:
             durable = self._cond.wait_for(
                 lambda: self._durable_ticket >= ticket, timeout=SYNC_ACK_TIMEOUT_S
             )
+            failure = self._failed.pop(ticket, None)
         if not durable:
             raise ResourceExhaustedError(
                 f"capture not on disk after {SYNC_ACK_TIMEOUT_S:.0f} s (the disk is too slow)"
             )
-        if self._statuses.get(request.capture_id) is CaptureStatus.FAILURE:
-            raise ResourceExhaustedError("capture could not be written to the spool")
+        if failure is not None:
+            raise ResourceExhaustedError(failure)
+
+    def _refusal(self, size: int) -> str | None:
+        """Why a capture of ``size`` spool bytes cannot be accepted now (None: it can)."""
+        cfg = self._config
+        if self._closing:
+            return "the agent is stopping"
+        if self._write_error is not None:
+            return _write_failure(self._write_error, waiting=len(self._queue))
+        if self._records >= cfg.max_records:
+            return f"capture spool full ({self._records} captures waiting for upload)"
+        if self._bytes + size > cfg.max_bytes:
+            return f"capture spool full ({self._bytes} bytes waiting for upload)"
+        if len(self._queue) >= cfg.max_unsynced:
+            return f"capture spool writer behind ({len(self._queue)} captures not on disk)"
+        try:
+            free = free_bytes(self.segments_dir) - self._pending
+        except OSError as exc:
+            return f"capture spool unusable: {exc.strerror or exc}"
+        if free - size < cfg.reserve_bytes:
+            return (
+                f"spool disk full ({max(0, free)} bytes free, {cfg.reserve_bytes} kept in reserve)"
+            )
+        return None
 
     def flush(self) -> None:
         """Seal the open segment now (its records become an upload batch)."""
@@ -575,9 +629,11 @@ class CaptureSpool:
             with self._cond:
                 self._writer_idle = True
                 while not self._work_due():
-                    self._cond.wait(self._seal_wait())
+                    self._cond.wait(self._next_wake())
                 self._writer_idle = False
-                if self._queue and not self._config.sync_ack:
+                if self._queue and self._config.sync_ack:
+                    self._gather_returning()
+                elif self._queue and self._write_error is None:
                     # group commit: let captures arriving close together share one
                     # write and one fsync (fewer wake-ups and fsyncs beside Predict)
                     deadline = time.monotonic() + self._config.commit_window
@@ -588,30 +644,64 @@ class CaptureSpool:
                         and (left := deadline - time.monotonic()) > 0
                     ):
                         self._cond.wait(left)
-                closing = self._closing and not self._queue
+                closing = self._closing
             try:
-                self._write_queued()
+                self._write_queued(last_attempt=closing)
                 with self._cond:
                     flush, self._flush_requested = self._flush_requested, False
                 if flush or self._seal_due():
                     self._seal_open()
             except OSError as exc:  # the disk failed us: keep running, say so
                 log.error("capture spool write failed", error=str(exc))
-                time.sleep(0.5)
+                if not closing:
+                    with self._cond:  # no spinning on a lasting failure; a new capture wakes us
+                        self._cond.wait(_RETRY_MIN_S)
             if closing:
                 with self._cond:
                     self._durable_ticket = self._next_ticket
                     self._cond.notify_all()
                 return
 
+    def _gather_returning(self) -> None:
+        """Durable group commit: let the callers the last commit released join this one.
+
+        Callers that arrived during an fsync are committed together by the next
+        one. Without this wait, the callers just released come back while that
+        next fsync runs and form a second group: two groups taking turns, each
+        paying a whole fsync. So, shortly after a commit, the writer waits for as
+        many captures as it released (plus those already queued), for at most
+        one fsync's time (capped by the commit window): a group that would
+        otherwise wait a whole fsync for its turn waits at most that long, and
+        a lone caller, or one that comes back later, does not wait at all.
+        """
+        target = self._queued_at_release + self._released
+        limit = min(self._config.commit_window, self._commit_seconds)
+        deadline = self._released_at + limit
+        while (
+            len(self._queue) < target
+            and not self._closing
+            and not self._flush_requested
+            and (left := deadline - time.monotonic()) > 0
+        ):
+            self._cond.wait(left)
+
     def _work_due(self) -> bool:
         return bool(
-            self._queue
+            (self._queue and time.monotonic() >= self._retry_at)
             or self._closing
             or self._flush_requested
             or self._dropped_ids
             or self._seal_due()
         )
+
+    def _next_wake(self) -> float | None:
+        waits = [w for w in (self._seal_wait(), self._retry_wait()) if w is not None]
+        return min(waits) if waits else None
+
+    def _retry_wait(self) -> float | None:
+        if not self._queue or self._write_error is None:
+            return None
+        return max(0.0, self._retry_at - time.monotonic()) + 0.001
 
     def _seal_due(self) -> bool:
         seg = self._open
@@ -628,76 +718,111 @@ class CaptureSpool:
             return None
         return max(0.0, seg.opened_mono + self._config.push_period - time.monotonic()) + 0.001
 
-    def _write_queued(self) -> None:
-        """Render, append and fsync everything queued (one fsync per segment touched)."""
+    def _write_queued(self, *, last_attempt: bool = False) -> None:
+        """Append and fsync everything queued (one write and one fsync per segment touched).
+
+        On a failure the captures not written are either refused to their
+        waiting (durable) callers, or, acknowledged already, put back at the
+        head of the queue to be retried; ``last_attempt`` (closing) gives up on
+        those, as FAILURE.
+        """
         with self._cond:
-            items = list(self._queue)
-            self._queue.clear()
+            waiting = self._write_error is not None and time.monotonic() < self._retry_at
+            items: list[_Queued] = []
+            if last_attempt or not waiting:  # else: acknowledged captures wait for their retry
+                items = list(self._queue)
+                self._queue.clear()
             dropped = list(self._dropped_ids)
             self._dropped_ids.clear()
         if dropped:
             now = time.time()
-            self._journal.append([(i, CaptureStatus.FAILURE, now) for i in dropped], sync=False)
+            try:
+                self._journal.append([(i, CaptureStatus.FAILURE, now) for i in dropped], sync=False)
+            except OSError as exc:  # the statuses are in memory; only a restart forgets them
+                log.warning("refused captures not journaled", count=len(dropped), error=str(exc))
         pos = 0
         while pos < len(items):
             try:
                 segment = self._ensure_open()
-            except OSError:
-                self._fail(items[pos:], "spool segment cannot be created")
-                raise
-            room = max(1, self._config.batch_size - len(segment.ids))
-            chunk = items[pos : pos + room]
-            pos += len(chunk)
-            lines: list[bytes] = []
-            written: list[_Queued] = []
-            unrenderable: list[_Queued] = []
-            for item in chunk:
-                try:
-                    lines.append(self._render(item.request))
-                    written.append(item)
-                except (TypeError, ValueError) as exc:
-                    log.error(
-                        "capture cannot be rendered",
-                        capture_id=item.request.capture_id,
-                        error=str(exc),
-                    )
-                    unrenderable.append(item)
-            self._fail(unrenderable, "capture cannot be rendered")
-            data = b"".join(lines)
-            try:
+                room = max(1, self._config.batch_size - len(segment.ids))
+                chunk = items[pos : pos + room]
+                data = b"".join(item.line for item in chunk)
+                started = time.monotonic()
                 self._append(segment, data)
-            except OSError:
-                self._fail(written + items[pos:], "spool write failed")
+            except OSError as exc:
+                self._not_written(items[pos:], exc, give_up=last_attempt)
                 raise
+            pos += len(chunk)
             with self._cond:
                 if not segment.ids:
                     segment.opened_mono = time.monotonic()
-                segment.ids.extend(item.request.capture_id for item in written)
+                segment.ids.extend(item.capture_id for item in chunk)
                 segment.nbytes += len(data)
-                self._bytes += len(data) - sum(item.estimate for item in written)
+                self._pending -= len(data)
                 self._durable_ticket = max(self._durable_ticket, chunk[-1].ticket)
+                self._write_error = None
+                self._retry_delay = _RETRY_MIN_S
+                self._counts["written"] = self._counts.get("written", 0) + len(chunk)
+                self._counts["commits"] = self._counts.get("commits", 0) + 1
+                now = time.monotonic()
+                self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * (now - started)
+                self._released = pos  # written in this round so far
+                self._queued_at_release = len(self._queue)
+                self._released_at = now
                 self._cond.notify_all()
             if len(segment.ids) >= self._config.batch_size:
-                self._seal_open()
+                try:
+                    # open the next segment now when captures will need it: more
+                    # in this round, or durable callers who will be right back
+                    self._seal_open(open_next=pos < len(items) or self._config.sync_ack)
+                except OSError as exc:
+                    # what is written stays in the open segment; the rest waits
+                    self._not_written(items[pos:], exc, give_up=last_attempt)
+                    raise
+
+    def _not_written(self, items: list[_Queued], exc: OSError, *, give_up: bool) -> None:
+        if not items:
+            return
+        if self._config.sync_ack or give_up:
+            self._fail(items, _write_failure(exc, waiting=0))
+            return
+        # acknowledged: they stay queued, IN_PROGRESS, until the disk takes them
+        with self._cond:
+            self._queue.extendleft(reversed(items))
+            self._write_error = exc
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(_RETRY_MAX_S, self._retry_delay * 2)
+            self._cond.notify_all()
 
     def _fail(self, items: list[_Queued], reason: str) -> None:
-        """Queued captures that will never be on disk: FAILURE, capacity given back."""
+        """Queued captures that will never be on disk: FAILURE, capacity given back.
+
+        In durable mode these were never acknowledged: their callers, still
+        waiting, are answered ``reason`` at once.
+        """
         if not items:
             return
         now = time.time()
         for item in items:
-            self._statuses.set(item.request.capture_id, CaptureStatus.FAILURE, at=now)
+            self._statuses.set(item.capture_id, CaptureStatus.FAILURE, at=now)
+        size = sum(len(item.line) for item in items)
         with self._cond:
             self._records -= len(items)
-            self._bytes -= sum(item.estimate for item in items)
+            self._bytes -= size
+            self._pending -= size
+            for item in items:
+                self._failed[item.ticket] = reason
             self._durable_ticket = max(self._durable_ticket, *(i.ticket for i in items))
             self._count("write_failed", len(items))
             self._cond.notify_all()
         with contextlib.suppress(OSError):
             self._journal.append(
-                [(i.request.capture_id, CaptureStatus.FAILURE, now) for i in items], sync=False
+                [(i.capture_id, CaptureStatus.FAILURE, now) for i in items], sync=False
             )
-        log.error("captures lost", count=len(items), reason=reason)
+        if self._config.sync_ack:
+            log.warning("captures refused: the spool cannot write", count=len(items), reason=reason)
+        else:
+            log.error("acknowledged captures lost", count=len(items), reason=reason)
 
     def _render(self, request: CaptureRequest) -> bytes:
         cfg = self._config
@@ -724,20 +849,30 @@ class CaptureSpool:
     def _ensure_open(self) -> Segment:
         if self._open is not None:
             return self._open
-        seq = self._next_seq
-        self._next_seq += 1
-        path = self.segments_dir / segment_name(seq, None)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fsync_dir(self.segments_dir)
-        segment = Segment(seq=seq, path=path, opened_mono=time.monotonic())
+        segment, fd = self._new_segment()
+        try:
+            fsync_dir(self.segments_dir)
+        except OSError:
+            _discard_new(segment, fd)
+            raise
         with self._cond:
             self._open = segment
             self._open_fd = fd
         return segment
 
+    def _new_segment(self) -> tuple[Segment, int]:
+        """A new, empty open segment file (not yet durable: its folder needs an fsync)."""
+        seq = self._next_seq
+        self._next_seq += 1
+        path = self.segments_dir / segment_name(seq, None)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return Segment(seq=seq, path=path, opened_mono=time.monotonic()), fd
+
     def _append(self, segment: Segment, data: bytes) -> None:
         fd = self._open_fd
-        if fd is None or not data:
+        if fd is None:
+            raise OSError(errno.EBADF, "no open capture segment")
+        if not data:
             return
         before = segment.nbytes
         try:
@@ -749,16 +884,28 @@ class CaptureSpool:
                 os.ftruncate(fd, before)
             raise
 
-    def _seal_open(self) -> None:
+    def _seal_open(self, *, open_next: bool = False) -> None:
+        """Seal the open segment; with ``open_next``, open the next one in the same step.
+
+        The next segment's file is created before the rename, so one fsync of
+        the folder makes both durable (a folder fsync costs as much as a
+        record's: captures waiting for the next commit should not pay two).
+        """
         segment = self._open
         if segment is None:
             return
         if not segment.ids:
             return
+        following = self._new_segment() if open_next else None
+        try:
+            self._seal(segment)  # renaming an open file is fine; on failure it stays open
+        except OSError:
+            if following is not None:
+                _discard_new(*following)
+            raise
         self._close_open_fd()
-        self._seal(segment)
         with self._cond:
-            self._open = None
+            self._open, self._open_fd = following if following is not None else (None, None)
             self._sealed.append(segment)
             self._cond.notify_all()
         for event in self.listeners:
@@ -786,6 +933,19 @@ class CaptureSpool:
 
 
 # -- the lock ------------------------------------------------------------------------------
+def _discard_new(segment: Segment, fd: int) -> None:
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        segment.path.unlink()
+
+
+def _write_failure(exc: OSError, *, waiting: int) -> str:
+    held = f"; {waiting} acknowledged captures wait for space" if waiting else ""
+    if exc.errno in _NO_SPACE:
+        return f"spool disk full (a write failed: {exc.strerror or exc}{held})"
+    return f"capture spool cannot write ({exc.strerror or exc}{held})"
+
+
 def lock_spool(directory: Path) -> int:
     """flock ``directory/LOCK`` and write our pid in it; SpoolLockedError when held."""
     path = directory / LOCK_FILE

@@ -49,7 +49,7 @@ from edgeagent.capture import hour_path, path_segment
 from edgeagent.capture.credentials import (
     CredentialsError,
     IotCredentialsConfig,
-    iot_credential_provider,
+    make_s3_client,
 )
 from edgeagent.capture.spool import CaptureSpool, Segment, SegmentContent, crash_point
 from edgecommon.fsutil import atomic_write_bytes
@@ -161,24 +161,11 @@ class S3Destination:
 
     def _s3(self) -> S3Client:
         if self._client is None:
-            # boto3 costs ~150 ms and ~30 MB: only devices that upload to S3 pay for it
-            import boto3  # noqa: PLC0415
-            import botocore.session  # noqa: PLC0415
-            from botocore.config import Config  # noqa: PLC0415
-
-            session = botocore.session.get_session()
-            if self._iot is not None:
-                resolver = session.get_component("credential_provider")
-                resolver.insert_before("env", iot_credential_provider(self._iot))
-            self._client = boto3.session.Session(botocore_session=session).client(
-                "s3",
-                region_name=self._region,
+            self._client = make_s3_client(
+                region=self._region,
                 endpoint_url=self._endpoint_url,
-                config=Config(
-                    connect_timeout=self._timeout,
-                    read_timeout=self._timeout,
-                    retries={"total_max_attempts": 1},  # tenacity retries, with backoff
-                ),
+                iot=self._iot,
+                timeout=self._timeout,
             )
         return self._client
 

@@ -22,6 +22,9 @@ _MAX_DECOMPRESS_STEP = 1 * MiB
 # bytes tarfile may read while parsing one member's headers: the previous
 # member's padding, the header blocks, and its read-ahead of one record
 HEADER_WINDOW = 64 * 1024 + 2 * tarfile.RECORDSIZE
+# bytes already handed to tarfile that stay readable again: tarfile's stream
+# reader buffers at most a record ahead of the block it parses
+_HISTORY = 4 * tarfile.RECORDSIZE
 
 MEMBER_KINDS: dict[bytes, str] = {
     tarfile.SYMTYPE: "symbolic link",
@@ -80,8 +83,10 @@ DEFAULT_LIMITS = ExtractLimits()
 class CappedGunzip:
     """A read-only stream of the gunzipped bytes of ``raw``, at most ``limit`` of them.
 
-    Raises PackageInvalidError past the limit, on a truncated gzip stream and
-    on bytes after its end (a package is one gzip member).
+    Raises PackageInvalidError past the limit, on a truncated gzip stream, on
+    a gzip trailer whose CRC-32 or length does not match (zlib checks both at
+    the end of the stream), and on bytes after its end (a package is one gzip
+    member). The last bytes handed out stay readable with :meth:`since`.
     """
 
     def __init__(self, raw: BinaryIO, limit: int) -> None:
@@ -91,6 +96,7 @@ class CappedGunzip:
         self._pending = b""
         self._eof = False
         self._window_end: int | None = None
+        self._history = bytearray()  # the last bytes read() returned, ending at tell()
         self.bytes_read = 0
 
     def limit_window(self, size: int | None) -> None:
@@ -111,7 +117,16 @@ class CappedGunzip:
             take = self._pending[: size - len(out)]
             self._pending = self._pending[len(take) :]
             out += take
+        self._history += out
+        del self._history[: max(0, len(self._history) - _HISTORY)]
         return bytes(out)
+
+    def since(self, offset: int) -> bytes:
+        """The bytes read() returned from ``offset`` on (only the recent ones are kept)."""
+        start = len(self._history) - (self.tell() - offset)
+        if start < 0 or offset > self.tell():
+            raise ValueError(f"offset {offset} is no longer (or not yet) in the history")
+        return bytes(self._history[start:])
 
     def _fill(self, want: int) -> bool:
         while not self._eof:
@@ -149,6 +164,27 @@ class CappedGunzip:
 
     def close(self) -> None:
         self._pending = b""
+
+
+def check_end_of_archive(tar: tarfile.TarFile, stream: CappedGunzip) -> None:
+    """After the last member: only zero bytes to the end of the gzip stream.
+
+    ``tarfile`` ends an archive at the first zero block, and also, silently,
+    at the first block that is not a valid header; what follows is never read.
+    A package is one tar: the end-of-archive marker and zero padding, then the
+    end of the gzip stream (whose trailer and end :class:`CappedGunzip` checks
+    while this reads to it). A second archive or any other data is refused.
+    """
+    # the block that ended the archive, and what tarfile read ahead after it
+    if _nonzero(stream.since(tar.offset)):
+        raise PackageInvalidError("archive has data after the end of the tar archive")
+    while chunk := stream.read(READ_CHUNK):
+        if _nonzero(chunk):
+            raise PackageInvalidError("archive has data after the end of the tar archive")
+
+
+def _nonzero(data: bytes) -> bool:
+    return data.count(0) != len(data)
 
 
 def member_kind(member: tarfile.TarInfo) -> str:

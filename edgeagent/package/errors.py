@@ -53,3 +53,15 @@ class InsufficientSpaceError(PackageError, ResourceExhaustedError):
 
 class GoldenCheckError(PackageError, FailedPreconditionError):
     """The model's output on the golden input differs from the expected output."""
+
+
+class ModelLoadError(PackageError, FailedPreconditionError):
+    """The model cannot be loaded: not an ONNX model, or ONNX Runtime refuses it."""
+
+
+class PackageDestinationError(PackageError, FailedPreconditionError):
+    """The extraction destination's folders cannot be created (the package is not at fault)."""
+
+
+class PackageVersionError(PackageError, FailedPreconditionError):
+    """The signed manifest's name or version is not the one expected, or is a downgrade."""

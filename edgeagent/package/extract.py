@@ -17,6 +17,13 @@ The policy of RELIABILITY.md ("Safe extraction"), with no reliance on
    modes. Everything is fsynced, then the staging directory is renamed to the
    destination (which must not exist) and the parent fsynced.
 5. On any failure the staging directory is removed; nothing else was written.
+6. The model passes our own ONNX check (:mod:`~edgeagent.package.onnx_check`)
+   on the very bytes that were hashed, and after the last member only the
+   end-of-archive zeros may follow, then the end of the one gzip stream, whose
+   trailer (CRC-32 and length) must match.
+
+:func:`install_package` places a package by its signed name and version, never
+by the archive's file name.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,19 +48,24 @@ from edgeagent.package.archive import (
     REGULAR_TYPES,
     CappedGunzip,
     ExtractLimits,
+    check_end_of_archive,
     member_kind,
     read_member_bytes,
 )
 from edgeagent.package.errors import (
     InsufficientSpaceError,
+    PackageDestinationError,
     PackageExistsError,
     PackageInvalidError,
     PackageNotFoundError,
     PackageSignatureError,
+    PackageVersionError,
 )
-from edgeagent.package.manifest import Manifest
+from edgeagent.package.manifest import Manifest, version_key
+from edgeagent.package.onnx_check import check_onnx_model
 from edgeagent.package.paths import MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, split_relpath
 from edgeagent.package.signing import SIGNATURE_SIZE, verify_signature
+from edgecommon.fsutil import free_bytes
 
 if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.package.signing)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -60,12 +73,6 @@ if TYPE_CHECKING:  # cryptography loads only where keys are used (edgeagent.pack
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def free_bytes(directory: str | os.PathLike[str]) -> int:
-    """Bytes an unprivileged writer may still use on ``directory``'s file system."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
 
 
 def check_free_space(directory: str | os.PathLike[str], needed: int) -> None:
@@ -254,15 +261,22 @@ def _read_members(
             )
         if total + member.size > limits.max_total_bytes:
             raise PackageInvalidError(f"archive holds more than {limits.max_total_bytes} bytes")
-        digest, size = _copy_member(tar, member, staging, parts, limits.max_member_bytes)
+        is_model = name == manifest.model_file
+        digest, size, content = _copy_member(
+            tar, member, staging, parts, limits.max_member_bytes, keep=is_model
+        )
         total += size
         if size != entry.size:
             raise PackageInvalidError(f"{name} is truncated ({size} of {entry.size} bytes)")
         if digest != entry.sha256:
             raise PackageInvalidError(f"{name} does not match its SHA-256 in the manifest")
+        if is_model:
+            check_onnx_model(content, name=name)
+            del content
     missing = sorted(set(manifest.files) - seen)
     if missing:
         raise PackageInvalidError(f"missing from the archive: {', '.join(missing)}")
+    check_end_of_archive(tar, stream)
     return manifest
 
 
@@ -288,20 +302,25 @@ def _copy_member(
     staging: _Staging | None,
     parts: tuple[str, ...],
     max_bytes: int,
-) -> tuple[str, int]:
-    """Stream one member into a new file (or nowhere); return its SHA-256 and size."""
+    *,
+    keep: bool = False,
+) -> tuple[str, int, bytes]:
+    """Stream one member into a new file (or nowhere); its SHA-256, size and (if kept) bytes."""
     source = tar.extractfile(member)
     if source is None:
         raise PackageInvalidError(f"{member.name} has no content")
     fd = staging.create(parts) if staging is not None else None
     digest = hashlib.sha256()
     size = 0
+    kept: list[bytes] = []
     try:
         while chunk := source.read(READ_CHUNK):
             size += len(chunk)
             if size > max_bytes:
                 raise PackageInvalidError(f"{member.name} exceeds the file size limit {max_bytes}")
             digest.update(chunk)
+            if keep:
+                kept.append(chunk)
             if fd is not None:
                 _write_all(fd, chunk)
         if fd is not None:
@@ -309,7 +328,7 @@ def _copy_member(
     finally:
         if fd is not None:
             os.close(fd)
-    return digest.hexdigest(), size
+    return digest.hexdigest(), size, b"".join(kept)
 
 
 def verify_package_archive(
@@ -339,23 +358,146 @@ def extract_package(
 ) -> Manifest:
     """Verify and unpack a package archive into ``dest_dir``, which must not exist.
 
-    ``dest_dir``'s parent must exist. The package appears at ``dest_dir``
-    complete and fsynced, or not at all. Raises PackageNotFoundError,
-    PackageSignatureError, PackageInvalidError, PackageExistsError (the
-    destination exists) or InsufficientSpaceError (preflight or ENOSPC).
+    Missing parent folders of ``dest_dir`` are created once the signature is
+    verified (and removed again if the package is then refused). The package
+    appears at ``dest_dir`` complete and fsynced, or not at all. Returns the
+    signed manifest: its ``name`` and ``version`` are the package's, whatever
+    the archive's file name says. Raises PackageNotFoundError (no archive),
+    PackageSignatureError, PackageInvalidError, ModelLoadError (the model is
+    not ONNX), PackageExistsError (the destination exists),
+    PackageDestinationError (its folders cannot be created) or
+    InsufficientSpaceError (preflight or ENOSPC).
     """
     dest = Path(dest_dir).absolute()
-    parent = dest.parent
-    if not parent.is_dir():
-        raise PackageNotFoundError(f"destination parent directory {parent} does not exist")
+    _check_new(dest)
+    return _extract(
+        Path(tar_path),
+        lambda _manifest: dest,
+        trusted_keys=trusted_keys,
+        require_signature=require_signature,
+        limits=limits,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPackage:
+    """Where :func:`install_package` put a package, and its signed manifest."""
+
+    manifest: Manifest
+    path: Path
+
+
+def check_package_version(
+    manifest: Manifest,
+    *,
+    expected_name: str | None = None,
+    expected_version: str | None = None,
+    installed_version: str | None = None,
+    allow_downgrade: bool = False,
+) -> None:
+    """The signed manifest is the package that was asked for (PackageVersionError if not).
+
+    ``expected_name``/``expected_version``: what the caller was told to install
+    (e.g. an IoT job document); versions compare as versions (2.0 == 2.0.0).
+    ``installed_version``: what runs now; the package must be newer unless
+    ``allow_downgrade``.
+    """
+    if expected_name is not None and manifest.name != expected_name:
+        raise PackageVersionError(
+            f"the package's signed name {manifest.name!r} is not the expected {expected_name!r}"
+        )
+    signed = manifest.version_key
+    if expected_version is not None and signed != _version_key_of(expected_version):
+        raise PackageVersionError(
+            f"the package's signed version {manifest.version} is not the expected "
+            f"{expected_version}"
+        )
+    if (
+        installed_version is not None
+        and not allow_downgrade
+        and signed <= _version_key_of(installed_version)
+    ):
+        raise PackageVersionError(
+            f"the package's signed version {manifest.version} is not newer than the installed "
+            f"{installed_version} (a downgrade must be allowed explicitly)"
+        )
+
+
+def _version_key_of(version: str) -> tuple[int, ...]:
+    try:
+        return version_key(version)
+    except ValueError as exc:
+        raise PackageVersionError(str(exc)) from None
+
+
+def install_package(
+    tar_path: str | os.PathLike[str],
+    models_dir: str | os.PathLike[str],
+    *,
+    trusted_keys: Sequence[Ed25519PublicKey] | None,
+    require_signature: bool = True,
+    limits: ExtractLimits = DEFAULT_LIMITS,
+    expected_name: str | None = None,
+    expected_version: str | None = None,
+    installed_version: str | None = None,
+    allow_downgrade: bool = False,
+) -> InstalledPackage:
+    """Verify and unpack an archive into ``models_dir/<name>/<version>/`` of its SIGNED manifest.
+
+    The archive's file name plays no part: a ``x-2.0.tar.gz`` holding a signed
+    0.9 manifest installs as 0.9 (or is refused, when ``expected_version`` is
+    2.0). The version checks (:func:`check_package_version`) run once the
+    signature is verified, before anything is written. Raises what
+    :func:`extract_package` raises, and PackageVersionError.
+    """
+    root = Path(models_dir).absolute()
+
+    def destination(manifest: Manifest) -> Path:
+        check_package_version(
+            manifest,
+            expected_name=expected_name,
+            expected_version=expected_version,
+            installed_version=installed_version,
+            allow_downgrade=allow_downgrade,
+        )
+        dest = root / manifest.name / manifest.version
+        _check_new(dest)
+        return dest
+
+    manifest = _extract(
+        Path(tar_path),
+        destination,
+        trusted_keys=trusted_keys,
+        require_signature=require_signature,
+        limits=limits,
+    )
+    return InstalledPackage(manifest=manifest, path=root / manifest.name / manifest.version)
+
+
+def _check_new(dest: Path) -> None:
     if os.path.lexists(dest):
         raise PackageExistsError(f"{dest} already exists; installed packages are never overwritten")
 
+
+def _extract(
+    tar_path: Path,
+    destination: Callable[[Manifest], Path],
+    *,
+    trusted_keys: Sequence[Ed25519PublicKey] | None,
+    require_signature: bool,
+    limits: ExtractLimits,
+) -> Manifest:
     created: list[_Staging] = []  # what prepare() made, for the cleanup below
+    made_dirs: list[Path] = []  # parent folders we created, outermost first
+    dest_of: list[Path] = []
 
     def prepare(
         manifest: Manifest, manifest_bytes: bytes, signature: bytes | None, compressed: int
     ) -> _Staging:
+        dest = destination(manifest)
+        dest_of.append(dest)
+        parent = dest.parent
+        made_dirs.extend(_make_parents(parent))
         check_free_space(
             parent, compressed + manifest.total_size + len(manifest_bytes) + limits.reserve_bytes
         )
@@ -373,7 +515,7 @@ def extract_package(
 
     try:
         manifest = _process_archive(
-            Path(tar_path),
+            tar_path,
             trusted_keys=trusted_keys,
             require_signature=require_signature,
             limits=limits,
@@ -382,18 +524,50 @@ def extract_package(
         staging = created[0]  # _process_archive returns only after prepare() ran
         staging.sync()
         staging.close()
-        _rename_into_place(staging.path, dest)
+        _rename_into_place(staging.path, dest_of[0])
         created.clear()
     except OSError as exc:
-        _discard(created)
+        _discard(created, made_dirs)
         if exc.errno in _NO_SPACE:
-            raise InsufficientSpaceError(f"disk full while extracting into {parent}") from exc
+            where = dest_of[0].parent if dest_of else tar_path
+            raise InsufficientSpaceError(f"disk full while extracting into {where}") from exc
         raise
     except BaseException:
-        _discard(created)
+        _discard(created, made_dirs)
         raise
-    _fsync_dir(parent)
+    for folder in {dest_of[0].parent, *(d.parent for d in made_dirs)}:
+        _fsync_dir(folder)
     return manifest
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing ancestors (mode 0755); return those created."""
+    missing: list[Path] = []
+    probe = folder
+    while not probe.is_dir():
+        if os.path.lexists(probe):
+            raise PackageDestinationError(
+                f"cannot create the destination folder {folder}: {probe} is not a folder"
+            )
+        missing.append(probe)
+        probe = probe.parent
+    made: list[Path] = []
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o755)
+        except OSError as exc:
+            _remove_dirs(made)
+            raise PackageDestinationError(
+                f"cannot create the destination folder {path}: {exc.strerror or exc}"
+            ) from None
+        made.append(path)
+    return made
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when still empty
 
 
 def _rename_into_place(staging: Path, dest: Path) -> None:
@@ -408,13 +582,15 @@ def _rename_into_place(staging: Path, dest: Path) -> None:
         raise
 
 
-def _discard(created: list[_Staging]) -> None:
+def _discard(created: list[_Staging], made_dirs: list[Path]) -> None:
     for staging in created:
         staging.close()
         # rmtree does not follow links (and we created none); errors must not
         # hide the exception that brought us here
         shutil.rmtree(staging.path, ignore_errors=True)
     created.clear()
+    _remove_dirs(made_dirs)
+    made_dirs.clear()
 
 
 def _fsync_dir(path: Path) -> None:

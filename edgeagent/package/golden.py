@@ -4,6 +4,12 @@ The build computes ``golden/expected.npy`` here, and the agent (or an
 operator, ``edgectl package verify --golden``) re-runs it on the device. The
 session is single-threaded and without graph optimisations beyond the
 default, so a build gives the same expected bytes every time on one machine.
+
+Everything here works on bytes already verified (see
+:func:`edgeagent.package.verify.load_verified_package`); a model given as a
+path is only the build's. ONNX Runtime's errors never leave this module raw:
+a model it cannot load is :class:`ModelLoadError`, one that fails to run on the
+golden input is :class:`GoldenCheckError`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeagent.package.errors import GoldenCheckError, PackageInvalidError
+from edgeagent.package.errors import GoldenCheckError, ModelLoadError, PackageInvalidError
 from edgeagent.package.manifest import Manifest, TensorEntry
 from edgeagent.tensors import ORT_DTYPES, TensorSpec
 
@@ -30,15 +36,35 @@ def _onnxruntime() -> Any:
     return importlib.import_module("onnxruntime")
 
 
-def _session(model_path: Path) -> Any:
+def ort_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises: its own classes derive from Exception, not RuntimeError."""
+    state = ort.capi.onnxruntime_pybind11_state
+    own = tuple(
+        obj
+        for obj in vars(state).values()
+        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == state.__name__
+    )
+    return (RuntimeError, ValueError, OSError, *own)
+
+
+def _session(model: Path | bytes, name: str = "model.onnx") -> Any:
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(
-        str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    source = model if isinstance(model, bytes) else str(model)
+    label = name if isinstance(model, bytes) else Path(model).name
+    try:
+        return ort.InferenceSession(
+            source, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except ort_errors(ort) as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot load {label}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:500]
 
 
 def _spec_of(node: Any) -> TensorSpec:
@@ -58,13 +84,21 @@ def model_specs(model_path: str | os.PathLike[str]) -> tuple[list[TensorSpec], l
     )
 
 
-def run_model(model_path: str | os.PathLike[str], golden_input: NDArray[Any]) -> NDArray[Any]:
-    """First output of a single-input ONNX model on ``golden_input`` (1-thread CPU session)."""
-    session = _session(Path(model_path))
+def run_model(model: str | os.PathLike[str] | bytes, golden_input: NDArray[Any]) -> NDArray[Any]:
+    """First output of a single-input ONNX model on ``golden_input`` (1-thread CPU session).
+
+    ``model``: the model's path, or its (verified) bytes.
+    """
+    session = _session(model if isinstance(model, bytes) else Path(model))
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise PackageInvalidError(f"the golden check needs a single-input model, not {len(inputs)}")
-    result = session.run(None, {inputs[0].name: golden_input})
+    try:
+        result = session.run(None, {inputs[0].name: golden_input})
+    except ort_errors(_onnxruntime()) as exc:
+        raise GoldenCheckError(
+            f"golden check: ONNX Runtime cannot run the model: {_one_line(exc)}"
+        ) from None
     return np.asarray(result[0])
 
 
@@ -95,43 +129,34 @@ def npy_bytes(array: NDArray[Any]) -> bytes:
     return buf.getvalue()
 
 
-def load_npy(path: Path) -> NDArray[Any]:
-    """Load a .npy file without pickle; PackageInvalidError if it is not one."""
-    if path.stat().st_size > MAX_GOLDEN_BYTES:
-        raise PackageInvalidError(f"{path.name} is larger than {MAX_GOLDEN_BYTES} bytes")
+def load_npy_bytes(data: bytes, name: str) -> NDArray[Any]:
+    """Parse a .npy file's bytes without pickle; PackageInvalidError if it is not one."""
+    if len(data) > MAX_GOLDEN_BYTES:
+        raise PackageInvalidError(f"{name} is larger than {MAX_GOLDEN_BYTES} bytes")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise PackageInvalidError(f"{path.name} is not a readable .npy array ({exc})") from None
+        raise PackageInvalidError(f"{name} is not a readable .npy array ({exc})") from None
     if not isinstance(array, np.ndarray):
-        raise PackageInvalidError(f"{path.name} is not a single .npy array")
+        raise PackageInvalidError(f"{name} is not a single .npy array")
     return array
 
 
-def load_golden(
-    package_dir: str | os.PathLike[str], manifest: Manifest
+def golden_arrays(
+    manifest: Manifest, input_bytes: bytes, expected_bytes: bytes
 ) -> tuple[NDArray[Any], NDArray[Any]]:
     """The golden input and expected output, checked against the manifest's tensors."""
-    root = Path(package_dir)
     if len(manifest.inputs) != 1:
         raise PackageInvalidError("the golden check needs a single-input model")
-    golden_input = load_npy(root.joinpath(*manifest.golden.input.split("/")))
-    expected = load_npy(root.joinpath(*manifest.golden.expected.split("/")))
+    golden_input = load_npy_bytes(input_bytes, manifest.golden.input)
+    expected = load_npy_bytes(expected_bytes, manifest.golden.expected)
     check_array("golden input", golden_input, manifest.inputs[0])
     check_array("golden expected output", expected, manifest.outputs[0])
     return golden_input, expected
 
 
-def check_golden(package_dir: str | os.PathLike[str], manifest: Manifest) -> float:
-    """Run the golden check of an (already verified) package directory.
-
-    Returns the largest absolute difference; raises GoldenCheckError when the
-    output is not ``allclose`` to the expected one within the manifest's
-    tolerances, PackageInvalidError when the golden files do not fit.
-    """
-    root = Path(package_dir)
-    golden_input, expected = load_golden(root, manifest)
-    actual = run_model(root.joinpath(*manifest.model_file.split("/")), golden_input)
+def compare_golden(actual: NDArray[Any], expected: NDArray[Any], manifest: Manifest) -> float:
+    """The largest absolute difference; GoldenCheckError beyond the manifest's tolerances."""
     if actual.shape != expected.shape:
         raise GoldenCheckError(
             f"golden check: output shape {list(actual.shape)}, expected {list(expected.shape)}"

@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeagent.package.errors import PackageInvalidError
@@ -22,6 +23,13 @@ from edgeagent.tensors import SUPPORTED_DTYPES, TensorSpec
 
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
+# objects and arrays inside one another; a real manifest needs about 5, and
+# Python's JSON parser recurses once per level (a RecursionError past ~1,000)
+MAX_MANIFEST_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS = np.zeros(256, dtype=np.int8)
+_OPENERS[[ord("["), ord("{")]] = 1
+_OPENERS[[ord("]"), ord("}")]] = -1
 
 # the SageMaker Edge Agent's model alias pattern (AGENT_API.md)
 NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"
@@ -29,6 +37,18 @@ MAX_NAME_LENGTH = 63
 _VERSION_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 MAX_VERSION_LENGTH = 64
 MAX_TENSOR_RANK = 8
+
+
+def json_depth(data: bytes) -> int:
+    """How deeply objects and arrays nest in the JSON text ``data`` (strings skipped).
+
+    Linear and non-recursive, so it can run on hostile input before a parser does.
+    """
+    bare = _JSON_STRING.sub(b'""', data)
+    if not bare:
+        return 0
+    steps = _OPENERS[np.frombuffer(bare, dtype=np.uint8)].astype(np.int64)
+    return max(0, int(np.cumsum(steps).max()))
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -210,6 +230,11 @@ class Manifest(_Frozen):
         """Parse manifest.json; PackageInvalidError says what is wrong."""
         if len(data) > MAX_MANIFEST_BYTES:
             raise PackageInvalidError(f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+        depth = json_depth(data)
+        if depth > MAX_MANIFEST_DEPTH:
+            raise PackageInvalidError(
+                f"manifest.json is nested deeper than {MAX_MANIFEST_DEPTH} levels ({depth})"
+            )
         try:
             # a first pass with the stdlib rejects what pydantic's parser would
             # silently accept: duplicate keys (last one wins) and NaN/Infinity
@@ -217,6 +242,8 @@ class Manifest(_Frozen):
             return cls.model_validate_json(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PackageInvalidError(f"manifest.json is invalid: {_describe(exc)}") from None
+        except RecursionError:  # the depth check above should make this unreachable
+            raise PackageInvalidError("manifest.json is nested too deeply") from None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -4,6 +4,9 @@ Each call borrows a connection from a small pool, runs one stream on it from
 start to finish on the calling thread and gives it back, so concurrent
 callers use separate connections and no call waits for a background thread.
 A deadline is enforced here: the stream is reset and the connection dropped.
+``Channel.close`` also ends the calls in flight (their sockets are shut down,
+the callers get CANCELLED at once), so a process stopping while the agent hangs
+never waits out a deadline.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class _Connection:
             sock.connect(str(path))
         except OSError as exc:
             sock.close()
-            raise CallError(Status.UNAVAILABLE, f"no agent answering on {path}: {exc}") from None
+            raise CallError(Status.UNAVAILABLE, _unreachable(path, exc)) from None
         # blocking mode with kernel timeouts: a timed-out recv/send fails with EAGAIN.
         # (Python's own timeout mode adds a poll() before every recv and send.)
         sock.settimeout(None)
@@ -64,24 +67,36 @@ class _Connection:
         self.peer_max_frame = h2.DEFAULT_MAX_FRAME
         self.recv_unacked = 0
         self.usable = True
+        self.cancelled = False
         self._pending: deque[h2.Frame] = deque()
         self._headers_cache: dict[str, bytes] = {}
-        self._send(
-            h2.PREFACE
-            + h2.settings_frame(
-                {
-                    h2.ENABLE_PUSH: 0,
-                    h2.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                    h2.MAX_FRAME_SIZE: _MAX_FRAME,
-                }
+        try:
+            self._send(
+                h2.PREFACE
+                + h2.settings_frame(
+                    {
+                        h2.ENABLE_PUSH: 0,
+                        h2.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                        h2.MAX_FRAME_SIZE: _MAX_FRAME,
+                    }
+                )
+                + h2.window_update(0, _CONN_WINDOW - h2.DEFAULT_WINDOW)
             )
-            + h2.window_update(0, _CONN_WINDOW - h2.DEFAULT_WINDOW)
-        )
+        except (_BrokenError, TimeoutError) as exc:
+            self.close()
+            raise CallError(Status.UNAVAILABLE, str(exc) or "the agent did not answer") from None
 
     def close(self) -> None:
         self.usable = False
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def cancel(self) -> None:
+        """From another thread: end the call in flight (a blocked recv/send returns at once)."""
+        self.cancelled = True
+        self.usable = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def set_timeout(self, seconds: float) -> None:
         """Bound each blocking recv/send by ``seconds`` (the call's deadline is checked too)."""
@@ -101,7 +116,24 @@ class _Connection:
         except BlockingIOError:
             raise TimeoutError from None
         except OSError as exc:
-            raise _BrokenError(f"the agent closed the connection: {exc}") from None
+            reason = self._goaway_reason() or f"the agent closed the connection: {exc}"
+            raise _BrokenError(reason) from None
+
+    def _goaway_reason(self) -> str | None:
+        """Why the agent hung up, if a GOAWAY it sent is still unread (e.g. over its
+        connection limit)."""
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536, socket.MSG_DONTWAIT):
+                data += chunk
+        try:
+            frames = [*self._pending, *self.reader.feed(data)]
+        except h2.ProtocolError:
+            return None
+        for f in frames:
+            if f.kind == h2.GOAWAY and len(f.payload) >= 8:
+                return _gone(f.payload).message
+        return None
 
     def _next_frame(self, deadline: float) -> h2.Frame:
         """The next frame; connection-level control is handled here, and the frame returned."""
@@ -168,6 +200,7 @@ class _Connection:
         received = 0
         headers: dict[bytes, bytes] | None = None
         stream_unacked = 0
+        ended = False  # the agent ended the stream: nothing to reset
         try:
             while True:
                 n = min(len(body) - pos, self.send_window, stream_window, self.peer_max_frame)
@@ -191,11 +224,12 @@ class _Connection:
                 elif f.kind == h2.GOAWAY and len(f.payload) >= 8:
                     last_sid = struct.unpack(">I", f.payload[:4])[0] & 0x7FFF_FFFF
                     if sid > last_sid:
-                        raise CallError(Status.UNAVAILABLE, "the agent is shutting down")
+                        raise _gone(f.payload)
                 elif f.stream_id != sid:
                     if f.kind == h2.HEADERS and f.stream_id:
                         self._header_block(f, deadline)  # a stale stream's: keeps HPACK state
                 elif f.kind == h2.RST_STREAM:
+                    ended = True
                     raise _reset(f)
                 elif f.kind in (h2.HEADERS, h2.CONTINUATION):
                     decoded = self._header_block(f, deadline)
@@ -210,6 +244,7 @@ class _Connection:
                     else:
                         headers.update(decoded)
                     if f.flags & h2.END_STREAM:
+                        ended = True
                         return self._result(headers, response)
                 elif f.kind == h2.DATA:
                     data = h2.strip_padding(f)
@@ -223,18 +258,24 @@ class _Connection:
                             f"{self.max_message_bytes} bytes",
                         )
                     if f.flags & h2.END_STREAM:
+                        ended = True
                         raise CallError(Status.INTERNAL, "the response ended without status")
                     if stream_unacked >= _STREAM_WINDOW // 2:
                         self._send(h2.window_update(sid, stream_unacked))
                         stream_unacked = 0
         except CallError:
-            self._reset_quietly(sid)
+            if not ended:
+                self._reset_quietly(sid)
             raise
         except TimeoutError:
             self.close()
+            if self.cancelled:
+                raise _cancelled() from None
             raise CallError(Status.DEADLINE_EXCEEDED, "the agent did not answer in time") from None
         except _BrokenError as exc:
             self.close()
+            if self.cancelled:
+                raise _cancelled() from None
             raise CallError(Status.UNAVAILABLE, str(exc)) from None
         except h2.ProtocolError as exc:
             self.close()
@@ -279,6 +320,15 @@ class _Connection:
             self.close()
 
 
+def _gone(goaway: bytes) -> CallError:
+    """The agent will not serve this call on this connection (GOAWAY)."""
+    code = struct.unpack(">I", goaway[4:8])[0]
+    if code == ErrorCode.NO_ERROR:
+        return CallError(Status.UNAVAILABLE, "the agent is shutting down")
+    reason = goaway[8:].decode("utf-8", "replace") or f"HTTP/2 error {code}"
+    return CallError(Status.UNAVAILABLE, f"the agent closed the connection: {reason}")
+
+
 def _reset(f: h2.Frame) -> CallError:
     code = struct.unpack(">I", f.payload[:4])[0] if len(f.payload) >= 4 else 0
     if code == ErrorCode.REFUSED_STREAM:
@@ -288,6 +338,23 @@ def _reset(f: h2.Frame) -> CallError:
     return CallError(Status.INTERNAL, f"the agent reset the call (HTTP/2 error {code})")
 
 
+def _unreachable(path: Path, exc: OSError) -> str:
+    """Why nothing answers on ``path``, in the words an operator acts on."""
+    if isinstance(exc, FileNotFoundError):
+        why = "the socket does not exist (is edge-agent running? is the path right?)"
+    elif isinstance(exc, ConnectionRefusedError):
+        why = "nothing listens on the socket (edge-agent stopped?)"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied (is this user in the agent's group?)"
+    else:
+        why = str(exc)
+    return f"no agent answering on {path}: {why}"
+
+
+def _cancelled() -> CallError:
+    return CallError(Status.CANCELLED, "the client was closed")
+
+
 class Channel:
     """Unary calls to one Unix socket. Thread-safe."""
 
@@ -295,6 +362,7 @@ class Channel:
         self.path = path
         self.max_message_bytes = max_message_bytes
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()  # carrying a call: close() cancels them
         self._lock = threading.Lock()
         self._closed = False
 
@@ -309,23 +377,38 @@ class Channel:
         deadline = time.monotonic() + timeout
         with self._lock:
             if self._closed:
-                raise CallError(Status.CANCELLED, "the client is closed")
+                raise _cancelled()
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = _Connection(self.path, timeout=timeout, max_message_bytes=self.max_message_bytes)
+        if not self._claim(conn):
+            conn.close()
+            raise _cancelled()
         try:
             return conn.unary(method, request, deadline)
         finally:
             with self._lock:
+                self._busy.discard(conn)
                 keep = conn.usable and not self._closed and len(self._idle) < _MAX_IDLE
                 if keep:
                     self._idle.append(conn)
             if not keep:
                 conn.close()
 
+    def _claim(self, conn: _Connection) -> bool:
+        """Count ``conn`` as carrying a call (close() cancels it); False once closed."""
+        with self._lock:
+            if not self._closed:
+                self._busy.add(conn)
+            return not self._closed
+
     def close(self) -> None:
+        """Close the idle connections and cancel the calls in flight (any thread)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for conn in busy:
+            conn.cancel()
         for conn in idle:
             conn.close()

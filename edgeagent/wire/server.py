@@ -11,18 +11,36 @@ that cheap call's time; anything else runs in the pool.
 
 Bad input ends at the smallest scope that holds it: a malformed request gets
 a gRPC status, a protocol violation ends its connection with GOAWAY, and
-nothing a peer sends stops the server.
+nothing a peer sends stops the server. Against peers that abuse the protocol
+on purpose:
+
+- connections are capped (``max_connections``; beyond it a connection gets
+  GOAWAY and is closed), and one that has not sent the preface and its first
+  SETTINGS within ``handshake_timeout`` is dropped. An idle connection holds
+  no receive buffer (its thread waits in ``poll``; buffers are lent while
+  bytes are read), so a connection costs its thread and a few KiB;
+- work for a stream the client resets is dropped, and the stream counts
+  toward the concurrent-stream limit until its work is gone; a connection
+  that resets streams faster than ``_RESET_RATE`` per second (after a burst of
+  ``_RESET_BURST``) gets GOAWAY ENHANCE_YOUR_CALM (CVE-2023-44487);
+- one connection runs at most ``connection_workers`` calls in the pool at
+  once (the rest wait, per connection, and are dropped if reset), and a
+  response waits at most ``send_stall`` seconds in all for the peer's
+  flow-control window (then the stream is reset and the worker freed);
+- a header block may span at most ``_MAX_CONTINUATIONS`` CONTINUATION frames.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +60,15 @@ _MAX_FRAME = 1 << 20
 _MAX_HEADER_LIST = 16 * 1024
 _MAX_IOV = 512
 _MAX_GRPC_MESSAGE_TEXT = 2048
-_SEND_STALL = 30  # seconds a blocked write may wait before the connection is dropped
+_MAX_CONTINUATIONS = 16  # CONTINUATION frames one header block may take
+_RESET_BURST = 200  # stream resets a connection may send at once ...
+_RESET_RATE = 50.0  # ... and per second after that (nghttp2: 1000 and 33)
+_RECENTLY_CLOSED = 1024  # streams we ended early whose late frames are ignored
+_WARN_EVERY = 10.0  # seconds between warnings about the same kind of abuse
+
+# receive buffers, lent to a reader while it copies what arrived: an idle
+# connection waits in poll() and holds none
+_buffers: list[bytearray] = []
 
 _RESPONSE_HEADERS = h2.encode_headers(
     [(b":status", b"200"), (b"content-type", b"application/grpc")]
@@ -99,7 +125,13 @@ class _Stream:
     headers_sent: bool = False
     unacked: int = 0  # body bytes received and not yet given back to the window
     discard: bool = False  # answered already (an error): the rest of its body is ignored
-    closed: bool = False  # reset by the peer, or finished
+    closed: bool = False  # reset (by either end), or finished: nothing more is sent
+    remote_done: bool = False  # the client ended its half (END_STREAM) or reset it
+    working: bool = False  # its call waits for or runs on a worker
+    orphaned: bool = False  # reset while working: counts toward the limit until done
+
+
+Job = Callable[[], None]
 
 
 def _timeout(value: bytes | None) -> float | None:
@@ -119,6 +151,39 @@ def _error_block(code: Status, text: str, *, trailers_only: bool) -> bytes:
     return h2.encode_headers(status)
 
 
+def _take_buffer() -> bytearray:
+    try:
+        return _buffers.pop()
+    except IndexError:
+        return bytearray(_RECV)
+
+
+def _give_buffer(buffer: bytearray) -> None:
+    if len(_buffers) < 8:
+        _buffers.append(buffer)
+
+
+class _Tally:
+    """Counts one kind of event caused by clients and logs it at most every
+    ``_WARN_EVERY`` seconds, so that a hostile client cannot flood the journal."""
+
+    def __init__(self, event: str, **fields: object) -> None:
+        self._event = event
+        self._fields = fields
+        self._lock = threading.Lock()
+        self._count = 0
+        self._logged = -_WARN_EVERY
+
+    def add(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._count += 1
+            if now - self._logged < _WARN_EVERY:
+                return
+            count, self._count, self._logged = self._count, 0, now
+        log.warning(self._event, count=count, **self._fields)
+
+
 class _Connection:
     def __init__(self, sock: socket.socket, server: Server) -> None:
         self.sock = sock
@@ -126,7 +191,12 @@ class _Connection:
         self.lock = threading.Lock()
         self.window_open = threading.Condition(self.lock)
         self.streams: dict[int, _Stream] = {}
-        self.busy = 0  # requests handed to workers and not yet answered
+        self.running = 0  # this connection's calls handed to the pool and not yet done
+        self.waiting: dict[int, tuple[_Stream, Job]] = {}  # over its share: wait, in order
+        self.orphans = 0  # streams reset by the client whose work still runs
+        self.recently_closed: dict[int, None] = {}  # ended by us early: late frames ignored
+        self.reset_tokens = float(_RESET_BURST)
+        self.reset_at = time.monotonic()
         self.dead = False
         self.goaway_sent = False
         self.last_sid = 0
@@ -136,10 +206,11 @@ class _Connection:
         self.recv_window = h2.DEFAULT_WINDOW
         self.reader = h2.FrameReader(_MAX_FRAME)
         self.decoder = h2.HeaderDecoder(_MAX_HEADER_LIST)
-        self._continuation: tuple[int, int, bytearray] | None = None
+        # a header block in progress: stream, flags, bytes so far, CONTINUATION frames so far
+        self._continuation: tuple[int, int, bytearray, int] | None = None
 
     # -- writing (any thread) --------------------------------------------
-    def _sendv(self, parts: list[bytes | memoryview]) -> None:
+    def _sendv(self, parts: Sequence[bytes | memoryview]) -> None:
         """Write every part; the caller holds ``self.lock``."""
         views = [memoryview(p) for p in parts if len(p)]
         while views:
@@ -155,7 +226,7 @@ class _Connection:
             if not self.dead:
                 self._send_or_die([data])
 
-    def _send_or_die(self, parts: list[bytes | memoryview]) -> bool:
+    def _send_or_die(self, parts: Sequence[bytes | memoryview]) -> bool:
         try:
             self._sendv(parts)
         except OSError:
@@ -164,19 +235,57 @@ class _Connection:
             return False
         return True
 
+    def _remember_closed(self, sid: int) -> None:
+        """Under the lock: we ended ``sid`` while the client may still be sending on it."""
+        self.recently_closed[sid] = None
+        if len(self.recently_closed) > _RECENTLY_CLOSED:
+            del self.recently_closed[next(iter(self.recently_closed))]
+
+    def _end_locked(self, stream: _Stream) -> list[bytes]:
+        """Under the lock: the stream ends with what the caller sends now; the frames
+        returned go after it (a client still sending its request is asked to stop)."""
+        stream.closed = True
+        self.streams.pop(stream.sid, None)
+        if stream.remote_done:
+            return []
+        stream.remote_done = True
+        self._remember_closed(stream.sid)
+        return [h2.rst_stream(stream.sid, ErrorCode.NO_ERROR)]
+
+    def _drop_locked(self, stream: _Stream, *, by_us: bool) -> bool:
+        """Under the lock: the stream is reset (by the client, or by us for a stream
+        error). Its waiting work is dropped (returns True: the caller calls
+        ``server.call_done``); work already running keeps counting toward the
+        concurrent-stream limit until it ends."""
+        stream.closed = True
+        stream.remote_done = True
+        self.streams.pop(stream.sid, None)
+        if by_us:
+            self._remember_closed(stream.sid)
+        self.window_open.notify_all()
+        if self.waiting.pop(stream.sid, None) is not None:
+            stream.working = False
+            return True
+        if stream.working and not stream.orphaned:
+            stream.orphaned = True
+            self.orphans += 1
+        return False
+
     def send_error(self, stream: _Stream, code: Status, text: str) -> None:
         with self.lock:
             if stream.closed or self.dead:
                 return
             block = _error_block(code, text, trailers_only=not stream.headers_sent)
-            stream.closed = True
-            self.streams.pop(stream.sid, None)
-            self._send_or_die(
-                [h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, block)]
-            )
+            frames = [h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, block)]
+            self._send_or_die(frames + self._end_locked(stream))
 
     def send_messages(self, stream: _Stream, payloads: Iterator[bytes]) -> bool:
-        """Response headers (once) and each payload as a message; False when the call ended."""
+        """Response headers (once) and each payload as a message; False when the call ended.
+
+        Waiting for the peer's window takes at most ``send_stall`` seconds in all; then
+        the stream is reset and the worker is free again."""
+        waited = 0.0
+        stall = self.server.send_stall
         for payload in payloads:
             if len(payload) > self.server.max_message_bytes:
                 self.send_error(
@@ -203,7 +312,12 @@ class _Connection:
                         if parts and not self._send_or_die(parts):
                             return False
                         parts = []
-                        self.window_open.wait(1.0)
+                        if waited >= stall:
+                            self._stalled_locked(stream)
+                            return False
+                        began = time.monotonic()
+                        self.window_open.wait(min(1.0, stall - waited))
+                        waited += time.monotonic() - began
                     if stream.closed or self.dead:
                         return False
                     n = min(len(data) - pos, self.send_window, stream.window, self.peer_max_frame)
@@ -215,6 +329,14 @@ class _Connection:
                 if not self._send_or_die(parts):
                     return False
         return True
+
+    def _stalled_locked(self, stream: _Stream) -> None:
+        self.server.stalled.add()
+        stream.closed = True
+        stream.remote_done = True
+        self.streams.pop(stream.sid, None)
+        self._remember_closed(stream.sid)
+        self._send_or_die([h2.rst_stream(stream.sid, ErrorCode.CANCEL)])
 
     def finish_now(self, stream: _Stream, payload: bytes) -> bool:
         """A small unary response in one write, if the windows allow it now."""
@@ -228,18 +350,15 @@ class _Connection:
                 return False
             self.send_window -= n
             stream.window -= n
-            stream.closed = True
-            self.streams.pop(stream.sid, None)
-            self._send_or_die(
-                [
-                    h2.frame(h2.HEADERS, h2.END_HEADERS, stream.sid, _RESPONSE_HEADERS)
-                    + struct.pack(">BHBBI", n >> 16, n & 0xFFFF, h2.DATA, 0, stream.sid)
-                    + b"\x00"
-                    + struct.pack(">I", len(payload)),
-                    payload,
-                    h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, _OK_TRAILERS),
-                ]
-            )
+            frames: list[bytes | memoryview] = [
+                h2.frame(h2.HEADERS, h2.END_HEADERS, stream.sid, _RESPONSE_HEADERS)
+                + struct.pack(">BHBBI", n >> 16, n & 0xFFFF, h2.DATA, 0, stream.sid)
+                + b"\x00"
+                + struct.pack(">I", len(payload)),
+                payload,
+                h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, _OK_TRAILERS),
+            ]
+            self._send_or_die([*frames, *self._end_locked(stream)])
             return True
 
     def finish_waiting(self, stream: _Stream, payload: bytes) -> None:
@@ -247,21 +366,55 @@ class _Connection:
         if self.send_messages(stream, iter((payload,))):
             self.end_ok(stream)
 
-    def _finish_in_pool(self, stream: _Stream, payload: bytes) -> None:
-        try:
-            self.finish_waiting(stream, payload)
-        finally:
-            self.server.call_done()
-
     def end_ok(self, stream: _Stream) -> None:
         with self.lock:
             if stream.closed or self.dead:
                 return
-            stream.closed = True
-            self.streams.pop(stream.sid, None)
-            self._send_or_die(
-                [h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, _OK_TRAILERS)]
+            trailers = h2.frame(
+                h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.sid, _OK_TRAILERS
             )
+            self._send_or_die([trailers, *self._end_locked(stream)])
+
+    # -- the connection's share of the workers ---------------------------------
+    def enqueue(self, stream: _Stream, job: Job) -> None:
+        """Run ``job`` for ``stream`` on a worker, within this connection's share of them."""
+        self.server.call_started()
+        with self.lock:
+            stream.working = True
+            if self.running >= self.server.connection_workers:
+                self.waiting[stream.sid] = (stream, job)
+                return
+            self.running += 1
+        self._submit(stream, job)
+
+    def _submit(self, stream: _Stream, job: Job) -> None:
+        try:
+            self.server.pool.submit(self._run_job, stream, job)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            self.send_error(stream, Status.UNAVAILABLE, "the agent is shutting down")
+            self._job_done(stream)
+
+    def _run_job(self, stream: _Stream, job: Job) -> None:
+        try:
+            if not (stream.closed or self.dead):  # a reset stream's work is dropped
+                job()
+        finally:
+            self._job_done(stream)
+
+    def _job_done(self, stream: _Stream) -> None:
+        following: tuple[_Stream, Job] | None = None
+        with self.lock:
+            stream.working = False
+            if stream.orphaned:
+                stream.orphaned = False
+                self.orphans -= 1
+            self.running -= 1
+            if self.waiting and not self.dead:
+                following = self.waiting.pop(next(iter(self.waiting)))
+                self.running += 1
+        self.server.call_done()
+        if following is not None:
+            self._submit(*following)
 
     # -- running a call ----------------------------------------------------
     def run_call(self, stream: _Stream, request: Any, *, on_reader: bool = False) -> None:
@@ -275,14 +428,7 @@ class _Connection:
                 response = method.unary(request)
                 if not self.finish_now(stream, response):
                     if on_reader:  # waiting for window here would stop the reader: hand it off
-                        self.server.call_started()
-                        try:
-                            self.server.pool.submit(self._finish_in_pool, stream, response)
-                        except RuntimeError:  # the pool is shut down: the server is stopping
-                            self.server.call_done()
-                            raise RpcError(
-                                Status.UNAVAILABLE, "the agent is shutting down"
-                            ) from None
+                        self.enqueue(stream, lambda: self.finish_waiting(stream, response))
                     else:
                         self.finish_waiting(stream, response)
             elif method.streaming is not None:
@@ -298,22 +444,29 @@ class _Connection:
         except Exception:
             log.exception("method failed", stream=stream.sid)
             self.send_error(stream, Status.INTERNAL, "internal error; see the agent's log")
-        finally:
-            with self.lock:
-                self.busy -= 1
-            self.server.call_done()
 
     # -- reading (the connection's own thread) ---------------------------
     def serve(self) -> None:
         try:
-            self._handshake()
-            buffer = bytearray(_RECV)  # reused: recv(n) would allocate n bytes every call
-            view = memoryview(buffer)
+            self._send_settings()
+            if not self._handshake():
+                return
+            # an idle connection waits here without a buffer; one is lent per read
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
             while True:
-                n = self.sock.recv_into(buffer)
+                poller.poll()
+                buffer = _take_buffer()
+                try:
+                    n = self.sock.recv_into(buffer, _RECV, socket.MSG_DONTWAIT)
+                    data = bytes(memoryview(buffer)[:n])
+                except BlockingIOError:
+                    continue
+                finally:
+                    _give_buffer(buffer)
                 if not n:
                     return
-                self._on_bytes(bytes(view[:n]))
+                self._on_bytes(data)
         except h2.ProtocolError as exc:
             log.warning("closing a connection that broke the protocol", error=str(exc))
             self.write(h2.goaway(self.last_sid, exc.code, str(exc)))
@@ -325,13 +478,17 @@ class _Connection:
                 for stream in self.streams.values():
                     stream.closed = True
                 self.streams.clear()
+                dropped = list(self.waiting.values())
+                self.waiting.clear()
                 self.window_open.notify_all()
+            for _stream, _job in dropped:
+                self.server.call_done()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
             self.server.forget(self)
 
-    def _handshake(self) -> None:
+    def _send_settings(self) -> None:
         self.write(
             h2.settings_frame(
                 {
@@ -345,14 +502,44 @@ class _Connection:
             + h2.window_update(0, _CONN_WINDOW - h2.DEFAULT_WINDOW)
         )
         self.recv_window = _CONN_WINDOW
+
+    def _handshake(self) -> bool:
+        """The client's preface and its first frame, which must be SETTINGS, within
+        ``handshake_timeout`` (a slow client cannot hold a thread forever). False: the
+        time ran out."""
+        preface = h2.PREFACE
+        need = len(preface) + h2.FRAME_HEADER
         got = b""
-        while len(got) < len(h2.PREFACE):
-            chunk = self.sock.recv(len(h2.PREFACE) - len(got))
-            if not chunk:
-                raise OSError("closed before the preface")
-            got += chunk
-        if got != h2.PREFACE:
-            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+        deadline = time.monotonic() + self.server.handshake_timeout
+        try:
+            while len(got) < need:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+                chunk = self.sock.recv(16384)
+                if not chunk:
+                    raise OSError("closed before the handshake ended")
+                got += chunk
+                if got[: len(preface)] != preface[: len(got)]:
+                    raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+                if len(got) >= need and need == len(preface) + h2.FRAME_HEADER:
+                    hi, lo, kind, flags, sid = struct.unpack_from(">BHBBI", got, len(preface))
+                    size = (hi << 16) | lo
+                    if kind != h2.SETTINGS or flags & h2.ACK or sid:
+                        raise h2.ProtocolError(
+                            ErrorCode.PROTOCOL_ERROR, "the preface must be followed by SETTINGS"
+                        )
+                    if size > _MAX_FRAME:
+                        raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {size} bytes")
+                    need += size
+        except TimeoutError:
+            self.server.slow_handshakes.add()
+            return False
+        finally:
+            self.sock.settimeout(None)
+        self._on_bytes(got[len(preface) :])
+        return True
 
     def _on_bytes(self, data: bytes) -> None:
         out: list[bytes] = []
@@ -371,29 +558,29 @@ class _Connection:
                 if f.flags & h2.END_HEADERS:
                     self._on_headers(f.stream_id, f.flags, block, out, ready)
                 else:
-                    self._continuation = (f.stream_id, f.flags, bytearray(block))
+                    self._continuation = (f.stream_id, f.flags, bytearray(block), 0)
             elif kind == h2.CONTINUATION:
                 self._on_continuation(f, out, ready)
             elif kind == h2.SETTINGS:
                 self._on_settings(f, out)
             elif kind == h2.PING:
+                if f.stream_id:
+                    raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
                 if len(f.payload) != 8:
                     raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PING of wrong size")
                 if not f.flags & h2.ACK:
                     out.append(h2.frame(h2.PING, h2.ACK, 0, f.payload))
             elif kind == h2.WINDOW_UPDATE:
-                self._on_window_update(f)
+                self._on_window_update(f, out)
             elif kind == h2.RST_STREAM:
-                with self.lock:
-                    stream = self.streams.pop(f.stream_id, None)
-                    if stream is not None:
-                        stream.closed = True
-                        self.window_open.notify_all()
+                self._on_rst_stream(f)
+            elif kind == h2.PRIORITY:
+                self._on_priority(f, out)
             elif kind == h2.GOAWAY:
                 pass  # the client stops opening streams; ours finish, then it closes
             elif kind == h2.PUSH_PROMISE:
                 raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-            # PRIORITY and unknown frame types are ignored, as RFC 9113 asks
+            # unknown frame types are ignored, as RFC 9113 asks
         total = consumed[0]
         if total:
             self.recv_window -= total
@@ -407,8 +594,8 @@ class _Connection:
     def _dispatch(self, ready: list[tuple[_Stream, memoryview]]) -> None:
         for stream, payload in ready:
             method = stream.method
-            if method is None:
-                continue  # answered UNIMPLEMENTED already
+            if method is None or stream.closed:
+                continue  # answered UNIMPLEMENTED already, or reset in the same read
             try:
                 # a view into the received frame, not a copy: protobuf parses any buffer
                 request = method.parse(cast(bytes, payload))
@@ -416,36 +603,45 @@ class _Connection:
                 self.send_error(stream, exc.code, exc.message)
                 continue
             with self.lock:
-                inline = self.busy == 0 and len(ready) == 1
-                self.busy += 1
-            inline = inline and method.inline is not None and method.inline(request)
-            self.server.call_started()
-            if inline:
-                self.run_call(stream, request, on_reader=True)
-            else:
+                inline = self.running == 0 and not self.waiting and len(ready) == 1
+            if inline and method.inline is not None and method.inline(request):
+                self.server.call_started()
                 try:
-                    self.server.pool.submit(self.run_call, stream, request)
-                except RuntimeError:  # the pool is shut down: the server is stopping
-                    self.run_call_refused(stream)
-
-    def run_call_refused(self, stream: _Stream) -> None:
-        self.send_error(stream, Status.UNAVAILABLE, "the agent is shutting down")
-        with self.lock:
-            self.busy -= 1
-        self.server.call_done()
+                    self.run_call(stream, request, on_reader=True)
+                finally:
+                    self.server.call_done()
+            else:
+                self.enqueue(stream, functools.partial(self.run_call, stream, request))
 
     def _on_continuation(
         self, f: h2.Frame, out: list[bytes], ready: list[tuple[_Stream, memoryview]]
     ) -> None:
         if self._continuation is None or f.stream_id != self._continuation[0]:
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
-        sid, flags, block = self._continuation
+        sid, flags, block, count = self._continuation
+        if count >= _MAX_CONTINUATIONS:
+            raise h2.ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
         block += f.payload
         if len(block) > _MAX_HEADER_LIST * 2:
             raise h2.ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if f.flags & h2.END_HEADERS:
             self._continuation = None
             self._on_headers(sid, flags, bytes(block), out, ready)
+        else:
+            self._continuation = (sid, flags, block, count + 1)
+
+    def _idle(self, sid: int) -> bool:
+        """A stream the client has not opened (ours would be even: we open none)."""
+        return sid > self.last_sid or sid % 2 == 0
+
+    def _stream_error(self, sid: int, code: ErrorCode, out: list[bytes]) -> None:
+        """Reset one stream for a protocol error that concerns only it."""
+        out.append(h2.rst_stream(sid, code))
+        with self.lock:
+            stream = self.streams.get(sid)
+            dropped = stream is not None and self._drop_locked(stream, by_us=True)
+        if dropped:
+            self.server.call_done()
 
     def _on_headers(
         self,
@@ -459,21 +655,28 @@ class _Connection:
         with self.lock:
             stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client end its half of the stream
+            if stream.remote_done:
+                self._stream_error(sid, ErrorCode.STREAM_CLOSED, out)
+                return
             if not flags & h2.END_STREAM:
                 raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "second HEADERS without END")
             self._complete(stream, ready)
             return
-        if sid % 2 == 0 or sid <= self.last_sid:
-            if sid <= self.last_sid and sid % 2:
-                return  # a stream we already closed (e.g. answered early): ignore
+        if sid % 2 == 0:
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, f"bad stream id {sid}")
-        self.last_sid = sid
-        if self.server.stopping:
-            out.append(h2.rst_stream(sid, ErrorCode.REFUSED_STREAM))
+        if sid <= self.last_sid:  # a closed stream
+            if sid not in self.recently_closed:  # (ended by us early: frames in flight)
+                self._stream_error(sid, ErrorCode.STREAM_CLOSED, out)
             return
+        self.last_sid = sid
         with self.lock:
-            crowded = len(self.streams) >= self.server.max_concurrent_streams
-        if crowded:
+            refused = (
+                self.server.stopping
+                or len(self.streams) + self.orphans >= self.server.max_concurrent_streams
+            )
+            if refused:
+                self._remember_closed(sid)
+        if refused:
             out.append(h2.rst_stream(sid, ErrorCode.REFUSED_STREAM))
             return
         path = headers.get(b":path", b"").decode("latin-1")
@@ -483,6 +686,7 @@ class _Connection:
             method=method,
             window=self.peer_initial_window,
             deadline=_timeout(headers.get(b"grpc-timeout")),
+            remote_done=bool(flags & h2.END_STREAM),
         )
         with self.lock:
             self.streams[sid] = stream
@@ -490,8 +694,7 @@ class _Connection:
         if headers.get(b":method") != b"POST" or not content_type.startswith(b"application/grpc"):
             stream.discard = True
             with self.lock:
-                stream.closed = True
-                self.streams.pop(sid, None)
+                closing = self._end_locked(stream)
             out.append(
                 h2.frame(
                     h2.HEADERS,
@@ -500,6 +703,7 @@ class _Connection:
                     h2.encode_headers([(b":status", b"415")]),
                 )
             )
+            out.extend(closing)
             return
         if method is None:
             stream.discard = True
@@ -521,12 +725,16 @@ class _Connection:
         if not sid:
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         consumed[0] += len(f.payload)
+        if self._idle(sid):
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
         with self.lock:
             stream = self.streams.get(sid)
-        if stream is None:
-            if sid > self.last_sid:
-                raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # closed already: flow control is counted, the bytes dropped
+        if stream is None or stream.remote_done:
+            if stream is None and sid in self.recently_closed:
+                return  # ended by us early: its body was on the way; the bytes are dropped
+            # the client ended or reset this stream itself: RFC 9113 section 5.1
+            self._stream_error(sid, ErrorCode.STREAM_CLOSED, out)
+            return
         if not stream.discard:
             data = h2.strip_padding(f)
             stream.body.append(data)
@@ -550,10 +758,8 @@ class _Connection:
                 stream.unacked = 0
 
     def _complete(self, stream: _Stream, ready: list[tuple[_Stream, memoryview]]) -> None:
+        stream.remote_done = True
         if stream.discard or stream.closed:
-            with self.lock:
-                if stream.closed:
-                    self.streams.pop(stream.sid, None)
             return
         parts = stream.body
         stream.body = []
@@ -574,6 +780,8 @@ class _Connection:
         if f.stream_id:
             raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
         if f.flags & h2.ACK:
+            if f.payload:
+                raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         values = h2.parse_settings(f.payload)
         with self.lock:
@@ -582,26 +790,77 @@ class _Connection:
                 self.peer_initial_window = values[h2.INITIAL_WINDOW_SIZE]
                 for stream in self.streams.values():
                     stream.window += delta
+                    if stream.window > h2.MAX_WINDOW:
+                        raise h2.ProtocolError(
+                            ErrorCode.FLOW_CONTROL_ERROR, "a stream's window overflows"
+                        )
                 self.window_open.notify_all()
             if h2.MAX_FRAME_SIZE in values:
                 self.peer_max_frame = values[h2.MAX_FRAME_SIZE]
         out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
 
-    def _on_window_update(self, f: h2.Frame) -> None:
+    def _on_window_update(self, f: h2.Frame, out: list[bytes]) -> None:
         if len(f.payload) != 4:
             raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of wrong size")
         (increment,) = struct.unpack(">I", f.payload)
         increment &= 0x7FFF_FFFF
-        with self.lock:
-            if not f.stream_id:
+        sid = f.stream_id
+        if not sid:
+            if not increment:
+                raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            with self.lock:
                 self.send_window += increment
                 if self.send_window > h2.MAX_WINDOW:
                     raise h2.ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
-            else:
-                stream = self.streams.get(f.stream_id)
-                if stream is not None:
-                    stream.window += increment
+                self.window_open.notify_all()
+            return
+        if self._idle(sid):
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+        with self.lock:
+            stream = self.streams.get(sid)
+            if stream is None:
+                return  # a closed stream: allowed, ignored
+            stream.window += increment
+            error = (
+                ErrorCode.PROTOCOL_ERROR
+                if not increment
+                else ErrorCode.FLOW_CONTROL_ERROR
+                if stream.window > h2.MAX_WINDOW
+                else None
+            )
             self.window_open.notify_all()
+        if error is not None:
+            self._stream_error(sid, error, out)
+
+    def _on_rst_stream(self, f: h2.Frame) -> None:
+        sid = f.stream_id
+        if not sid:
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(f.payload) != 4:
+            raise h2.ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of wrong size")
+        if self._idle(sid):
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+        with self.lock:
+            stream = self.streams.get(sid)
+            dropped = stream is not None and self._drop_locked(stream, by_us=False)
+        if dropped:
+            self.server.call_done()
+        if stream is None:
+            return  # closed already: nothing to cancel, nothing to count
+        # rapid reset (CVE-2023-44487): open streams reset in a burst, then at a sane rate
+        now = time.monotonic()
+        tokens = min(float(_RESET_BURST), self.reset_tokens + (now - self.reset_at) * _RESET_RATE)
+        self.reset_at = now
+        if tokens < 1.0:
+            raise h2.ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many stream resets")
+        self.reset_tokens = tokens - 1.0
+
+    def _on_priority(self, f: h2.Frame, out: list[bytes]) -> None:
+        """PRIORITY is deprecated (RFC 9113 section 5.3.2) and ignored, once checked."""
+        if not f.stream_id:
+            raise h2.ProtocolError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(f.payload) != 5:
+            self._stream_error(f.stream_id, ErrorCode.FRAME_SIZE_ERROR, out)
 
     def goaway(self) -> None:
         with self.lock:
@@ -619,7 +878,15 @@ class _Connection:
 
 
 class Server:
-    """Serve ``methods`` (``/package.Service/Method`` -> ``Method``) on a Unix socket."""
+    """Serve ``methods`` (``/package.Service/Method`` -> ``Method``) on a Unix socket.
+
+    ``max_connections``: connections beyond it get GOAWAY and are closed.
+    ``handshake_timeout``: seconds a new connection has for its preface and SETTINGS.
+    ``send_stall``: seconds a response may wait in all for the peer's flow-control window
+    (then its stream is reset), and for one blocked write (then the connection is dropped).
+    ``connection_workers``: calls of one connection in the pool at once (default: half
+    the workers), so that one client cannot hold them all.
+    """
 
     def __init__(
         self,
@@ -628,10 +895,18 @@ class Server:
         workers: int,
         max_message_bytes: int,
         max_concurrent_streams: int = 128,
+        max_connections: int = 256,
+        handshake_timeout: float = 5.0,
+        send_stall: float = 10.0,
+        connection_workers: int | None = None,
     ) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.send_stall = send_stall
+        self.connection_workers = connection_workers or max(1, workers // 2)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc")
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -641,6 +916,17 @@ class Server:
         self._in_flight = 0
         self._connections: dict[_Connection, threading.Thread] = {}
         self._acceptor: threading.Thread | None = None
+        self.refused = _Tally(
+            "connections refused: the agent is at its limit", max_connections=max_connections
+        )
+        self.slow_handshakes = _Tally(
+            "connections dropped: no HTTP/2 preface and SETTINGS in time",
+            handshake_timeout_s=handshake_timeout,
+        )
+        self.stalled = _Tally(
+            "streams reset: the client gave no flow-control window for its answer",
+            send_stall_s=send_stall,
+        )
 
     @property
     def stopping(self) -> bool:
@@ -669,6 +955,7 @@ class Server:
         listener = self._listener
         if listener is None:
             return
+        stall = struct.pack("ll", int(self.send_stall), int(self.send_stall % 1 * 1e6))
         while not self._stop.is_set():
             try:
                 sock, _ = listener.accept()
@@ -677,18 +964,37 @@ class Server:
                     return
                 time.sleep(0.01)  # e.g. EMFILE: back off rather than spin
                 continue
-            # a peer that stops reading cannot hold a worker (and the connection) forever
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", _SEND_STALL, 0)
-            )
-            conn = _Connection(sock, self)
-            thread = threading.Thread(target=conn.serve, name="agent-conn", daemon=True)
             with self._lock:
                 if self._stop.is_set():
                     sock.close()
                     return
+                full = len(self._connections) >= self.max_connections
+            if full:
+                self._refuse(sock)
+                continue
+            # a peer that stops reading cannot hold a worker (and the connection) forever
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
+            conn = _Connection(sock, self)
+            thread = threading.Thread(target=conn.serve, name="agent-conn", daemon=True)
+            with self._lock:
                 self._connections[conn] = thread
             thread.start()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Over ``max_connections``: say why in a GOAWAY, then close."""
+        with contextlib.suppress(OSError):
+            sock.send(
+                h2.settings_frame({})
+                + h2.goaway(
+                    0,
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                    f"the agent serves at most {self.max_connections} connections",
+                ),
+                socket.MSG_DONTWAIT,
+            )
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+        self.refused.add()
 
     def forget(self, conn: _Connection) -> None:
         with self._lock:

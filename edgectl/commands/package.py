@@ -16,8 +16,8 @@ import numpy as np
 
 from edgeagent.package import (
     Manifest,
+    archive_name,
     build_package,
-    check_golden,
     extract_package,
     generate_keypair,
     golden_inputs_like,
@@ -25,6 +25,7 @@ from edgeagent.package import (
     key_id,
     load_private_key,
     load_trusted_keys,
+    load_verified_package,
     model_specs,
     read_manifest_bytes,
     sha256_of,
@@ -170,19 +171,35 @@ def _verify(args: argparse.Namespace) -> int:
     keys = load_trusted_keys(args.trusted_keys)
     path: Path = args.path
     if path.is_dir():
-        manifest = verify_package_dir(path, trusted_keys=keys)
         if args.golden:
-            check_golden(path, manifest)
+            package = load_verified_package(path, trusted_keys=keys)
+            package.check_golden()
+            manifest = package.manifest
+        else:
+            manifest = verify_package_dir(path, trusted_keys=keys)
     elif args.golden:
         with tempfile.TemporaryDirectory(prefix="edgectl-verify-") as tmp:
             unpacked = Path(tmp) / "package"
-            manifest = extract_package(path, unpacked, trusted_keys=keys)
-            check_golden(unpacked, manifest)
+            extract_package(path, unpacked, trusted_keys=keys)
+            package = load_verified_package(unpacked, trusted_keys=keys)
+            package.check_golden()
+            manifest = package.manifest
     else:
         manifest = verify_package_archive(path, trusted_keys=keys)
     golden = ", golden check passed" if args.golden else ""
     _out(f"{manifest.name} {manifest.version}: OK (signature, sizes, SHA-256{golden})")
+    _warn_if_misnamed(path, manifest)
     return 0
+
+
+def _warn_if_misnamed(path: Path, manifest: Manifest) -> None:
+    """Say so when an archive's file name claims another name or version than it signs."""
+    if path.is_dir() or path.name == archive_name(manifest.name, manifest.version):
+        return
+    sys.stderr.write(
+        f"edgectl: note: {path.name} holds {manifest.name} {manifest.version} (the signed "
+        "manifest's name and version are the ones that count)\n"
+    )
 
 
 def _summary(manifest: Manifest) -> list[str]:
@@ -220,4 +237,5 @@ def _extract(args: argparse.Namespace) -> int:
     keys = load_trusted_keys(args.trusted_keys)
     manifest = extract_package(args.path, args.dest, trusted_keys=keys)
     _out(f"{manifest.name} {manifest.version}: verified and extracted to {args.dest}")
+    _warn_if_misnamed(args.path, manifest)
     return 0

@@ -61,24 +61,7 @@ def write_private_key(key: Ed25519PrivateKey, path: Path) -> Path:
 
 def tiny_onnx(path: Path) -> Path:
     """y = 2 * x + 1, x float32 [N, 3]: loads and runs in milliseconds."""
-    nodes = [
-        helper.make_node("Mul", ["x", "two"], ["twice"]),
-        helper.make_node("Add", ["twice", "one"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        initializer=[
-            numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"),
-            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(tiny_onnx_bytes())
     return path
 
 
@@ -115,10 +98,33 @@ def build_tiny(
 
 # --- hand-made archives ------------------------------------------------------
 
-# content of a package whose files are arbitrary bytes: extraction never runs
-# the model, so the hostile-archive tests need no real ONNX file
+
+def tiny_onnx_bytes() -> bytes:
+    """The serialised tiny model (y = 2 * x + 1), built in memory."""
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["twice"]),
+        helper.make_node("Add", ["twice", "one"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=[
+            numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"),
+            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+# content of a package whose golden files are arbitrary bytes: extraction never
+# runs the model (it only parses it), so the hostile-archive tests need no golden data
 GENUINE_FILES: dict[str, bytes] = {
-    "model.onnx": b"model bytes " * 100,
+    "model.onnx": tiny_onnx_bytes(),
     "golden/input.npy": b"input bytes",
     "golden/expected.npy": b"expected bytes",
 }
@@ -151,6 +157,21 @@ def signed_head(
     """manifest.json and manifest.sig members, as a genuine build writes them first."""
     data = manifest.to_json_bytes()
     return [reg("manifest.json", data), reg("manifest.sig", sign(data, key))]
+
+
+def write_signed_dir(
+    root: Path, files: dict[str, bytes], key: Ed25519PrivateKey, **overrides: Any
+) -> Path:
+    """An unpacked package directory of exactly ``files``, its manifest signed by ``key``."""
+    root.mkdir(parents=True)
+    for name, data in files.items():
+        path = root.joinpath(*name.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    for info, data in signed_head(manifest_for(files, **overrides), key):
+        assert data is not None
+        (root / info.name).write_bytes(data)
+    return root
 
 
 def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes | None]:

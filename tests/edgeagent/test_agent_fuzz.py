@@ -19,6 +19,7 @@ import pytest
 import sysv_ipc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire_helpers import predict_request
 
 from edgeagent._proto import agent_pb2 as pb
 
@@ -193,20 +194,7 @@ def test_fuzzed_valid_requests_match_the_model(agent: Any, packages: Any, refere
         y = agent.client.predict("wt", x, shared_memory=shm)
         np.testing.assert_allclose(y, reference(model, x), rtol=1e-5, atol=1e-5)
         if declare_batch:  # the same through the raw stub with a -1 batch
-            stub_resp = stub.Predict(
-                pb.PredictRequest(
-                    name="wt",
-                    tensors=[
-                        pb.Tensor(
-                            tensor_metadata=pb.TensorMetadata(
-                                name="input", data_type=pb.FLOAT32, shape=[-1, 6, 10, 10]
-                            ),
-                            byte_data=x.tobytes(),
-                        )
-                    ],
-                ),
-                timeout=30,
-            )
+            stub_resp = stub.Predict(predict_request(x), timeout=30)
             assert list(stub_resp.tensors[0].tensor_metadata.shape) == [batch, 6, 10, 10]
 
     one()

@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
-from edgeagent.errors import PermissionDeniedError, ResourceExhaustedError
+from edgeagent._proto import agent_pb2 as pb
+from edgeagent.errors import AlreadyExistsError, PermissionDeniedError, ResourceExhaustedError
 
 Reference = Callable[[Path, np.ndarray[Any, Any]], np.ndarray[Any, Any]]
 
@@ -49,6 +51,70 @@ def test_restart_after_sigkill_restores_models(
     assert listed == {"wt": str(packages.v1), "wt-next": str(packages.v2)}
     assert_predicts(second, "wt", Path(packages.v1) / "model.onnx", reference)
     assert_predicts(second, "wt-next", packages.v2_model, reference)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_an_app_that_loads_at_start_survives_an_agent_restart(
+    start_agent: Any, packages: Any, short_tmp: Path, reference: Reference, how: str
+) -> None:
+    """The original agent forgot its models on restart, so device apps call LoadModel at
+    their start and treat any error as fatal: the first load of a restored model with
+    the same url adopts it; after that a duplicate is ALREADY_EXISTS as in the original."""
+    first = start_agent(base=short_tmp)
+    stub = first.stub()
+    stub.LoadModel(pb.LoadModelRequest(name="wt", url=str(packages.v1)), timeout=60)
+    if how == "SIGTERM":
+        assert first.terminate() == 0
+    else:
+        first.kill()
+
+    second = start_agent(base=short_tmp)
+    stub = second.stub()  # the app starts again: load, as it always does
+    loaded = stub.LoadModel(pb.LoadModelRequest(name="wt", url=str(packages.v1)), timeout=60)
+    assert (loaded.model.name, loaded.model.url) == ("wt", str(packages.v1))
+    assert [list(t.shape) for t in loaded.model.input_tensor_metadatas] == [[-1, 6, 10, 10]]
+    x = windows(2, seed=33)
+    reply = stub.Predict(
+        pb.PredictRequest(
+            name="wt",
+            tensors=[
+                pb.Tensor(
+                    tensor_metadata=loaded.model.input_tensor_metadatas[0], byte_data=x.tobytes()
+                )
+            ],
+        ),
+        timeout=30,
+    )
+    out = reply.tensors[0]
+    np.testing.assert_allclose(
+        np.frombuffer(out.byte_data, "<f4").reshape(tuple(out.tensor_metadata.shape)),
+        reference(Path(packages.v1) / "model.onnx", x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(grpc.RpcError) as again:  # adopted once: now a duplicate, as before
+        stub.LoadModel(pb.LoadModelRequest(name="wt", url=str(packages.v1)), timeout=60)
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    swapped = stub.LoadModel(pb.LoadModelRequest(name="wt", url=str(packages.v2)), timeout=60)
+    assert swapped.model.url == str(packages.v2)  # another url is still a hot swap
+    assert "restored model adopted" in second.output()
+
+
+def test_a_restored_model_swapped_or_unloaded_is_not_adopted_later(
+    start_agent: Any, packages: Any, short_tmp: Path
+) -> None:
+    first = start_agent(base=short_tmp)
+    first.client.load_model("wt", packages.v1)
+    first.client.load_model("other", packages.v1)
+    first.kill()
+    second = start_agent(base=short_tmp)
+    second.client.load_model("wt", packages.v2)  # hot swap away from the restored one
+    with pytest.raises(AlreadyExistsError):
+        second.client.load_model("wt", packages.v2)
+    second.client.unload_model("other")
+    second.client.load_model("other", packages.v1)  # a fresh load after the unload
+    with pytest.raises(AlreadyExistsError):
+        second.client.load_model("other", packages.v1)
 
 
 def test_sigterm_exits_zero_quickly(start_agent: Any, packages: Any) -> None:

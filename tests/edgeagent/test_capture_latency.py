@@ -9,7 +9,10 @@ in five modes:
   client can drive: every prediction captured, ~400 captures/s here);
 * ``each+refused``: the control: each Predict followed by the very same
   CaptureData request for a model that is not loaded, refused (NOT_FOUND)
-  before any capture work: same size, same client and gRPC cost;
+  before any capture work: same size, same client and gRPC cost; then an
+  idle wait as long as a capture's acknowledgement takes beyond a refusal
+  (acknowledgement is durable by default: the call returns once its record
+  is fsynced, and the client idles meanwhile; measured before the runs);
 * ``concurrent capture``: another process captures at 100 captures/s
   meanwhile (a device capturing each of 50 turbines on every 2 Hz tick);
 * ``concurrent refused``: the control: another process sends as many
@@ -22,9 +25,10 @@ any second RPC, even one refused at once, then costs Predict some CPU time
 (an unthrottled loop of GetCaptureDataStatus calls: +30 %, an unthrottled
 capture loop: +75 %, both mostly CPU contention, not asserted), and an idle
 gap between Predicts makes the next one slower (so pacing with sleeps would
-flatter the busier mode). Against its control, the only difference left is
-the capture work: validation, the copy, the status book, the spool's writer
-and the uploader. The ratios against ``alone`` are printed too.
+flatter the busier mode, and the control idles as long as the fsync wait).
+Against its control, the only difference left is the capture work:
+validation, the copy, the status book, the spool's writer and the uploader.
+The ratios against ``alone`` are printed too.
 
 Noise: modes alternate in short blocks (a slow neighbour hits all of them
 alike), p50 is over all samples of a mode in a run, and the ratio asserted
@@ -40,8 +44,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from capture_helpers import Agents, agents, extract_model, short_dir, windows
@@ -159,6 +165,8 @@ def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
         y = agent.client.predict("wt", x)
         for _ in range(300):  # warm up both sides
             agent.client.predict("wt", x)
+        calls = _call_times(agent, x, y)
+        ack_wait = _extra_wait(calls)
         loop = CaptureLoop(agent.socket, CONCURRENT_RATE)
         try:
             modes = [
@@ -188,14 +196,17 @@ def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
                             agent.client.predict("wt", x)
                             samples[mode].append(time.perf_counter() - started)
                             if mode == "each+capture":
+                                called = time.perf_counter()
                                 agent.client.capture_data(
                                     model_name="wt",
                                     capture_id=str(uuid.uuid4()),
                                     inputs=[x],
                                     outputs=[y],
                                 )
+                                calls["wt"].append(time.perf_counter() - called)
                                 captured += 1
                             elif mode == "each+refused":
+                                called = time.perf_counter()
                                 with contextlib.suppress(NotFoundError):
                                     agent.client.capture_data(
                                         model_name="not-loaded",
@@ -203,6 +214,10 @@ def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
                                         inputs=[x],
                                         outputs=[y],
                                     )
+                                calls["not-loaded"].append(time.perf_counter() - called)
+                                time.sleep(ack_wait)
+                        # the control's idle wait follows the machine's current fsync time
+                        ack_wait = _extra_wait(calls)
                         if mode.startswith("concurrent"):
                             loop.command("off")
                 p50 = {m: statistics.median(v) for m, v in samples.items()}
@@ -213,6 +228,7 @@ def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
         finally:
             loop.close()
         print(
+            f"\nacknowledgement wait beyond a refusal (last): {ack_wait * 1e6:.0f} us"
             "\nPredict p50 (us) per run: "
             + "; ".join(f"{m} {[round(v) for v in p50s[m]]}" for m in modes)
             + "\ncapture against its control, per run: "
@@ -229,3 +245,22 @@ def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
         assert captured == RUNS * BLOCKS * PER_BLOCK  # the load was real
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _call_times(agent: Any, x: Any, y: Any, n: int = 60) -> dict[str, deque[float]]:
+    """Seconds CaptureData calls take, captured ("wt") and refused, the most recent kept."""
+    taken: dict[str, deque[float]] = {"wt": deque(maxlen=n), "not-loaded": deque(maxlen=n)}
+    for i in range(2 * n):
+        name = "wt" if i % 2 else "not-loaded"
+        started = time.perf_counter()
+        with contextlib.suppress(NotFoundError):
+            agent.client.capture_data(
+                model_name=name, capture_id=str(uuid.uuid4()), inputs=[x], outputs=[y]
+            )
+        taken[name].append(time.perf_counter() - started)
+    return taken
+
+
+def _extra_wait(taken: dict[str, deque[float]]) -> float:
+    """How much longer a capture call takes than a refused one (the durable ack's fsync)."""
+    return max(0.0, statistics.median(taken["wt"]) - statistics.median(taken["not-loaded"]))

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,10 @@ from capture_helpers import (
     wait_for,
     windows,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edgeagent.capture.spool import CRASH_POINT_ENV
 from edgeagent.errors import AgentError
+from tests.tls import make_pki
 
 
 @pytest.fixture(scope="module")
@@ -245,77 +241,13 @@ def test_sigkill_under_load_loses_no_acknowledged_capture(
 
 
 # -- the AWS IoT credentials provider, over mutual TLS -----------------------------------------
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None = None,
-    *,
-    ca: bool = False,
-    ip: str | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name = (
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer[0])]) if issuer else name
-    )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if ip:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(ip))]), critical=False
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
-def _write_pem(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 class FakeCredentialsProvider:
     """An HTTPS server that demands a client certificate, like credentials.iot.*.amazonaws.com."""
 
     def __init__(self, folder: Path) -> None:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _cert("windedge test CA", ca_key, ca=True)
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server = _cert("credentials", server_key, ("windedge test CA", ca_key), ip="127.0.0.1")
-        device_key = ec.generate_private_key(ec.SECP256R1())
-        device = _cert("turbine-3", device_key, ("windedge test CA", ca_key))
-        self.ca = folder / "ca.crt"
-        self.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        _write_pem(folder / "server", server, server_key)
-        _write_pem(folder / "device", device, device_key)
-        self.device_cert, self.device_key = folder / "device.crt", folder / "device.key"
+        pki = make_pki(folder, servers=("server",), clients=("turbine-3",))
+        self.ca = pki.ca
+        self.device_cert, self.device_key = pki.crt("turbine-3"), pki.key("turbine-3")
         self.requests: list[dict[str, Any]] = []
         seen = self.requests
 

@@ -71,6 +71,7 @@ CONFIG = SpoolConfig(
     max_bytes=10 * 1024 * 1024,
     batch_size=5,
     push_period=3600.0,
+    sync_ack=False,  # these tests put without a writer thread, then seal_all() as edgectl does
 )
 
 

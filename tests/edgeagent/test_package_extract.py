@@ -36,6 +36,7 @@ from edgeagent.package import (
     ExtractLimits,
     InsufficientSpaceError,
     Manifest,
+    PackageDestinationError,
     PackageExistsError,
     PackageInvalidError,
     PackageNotFoundError,
@@ -151,11 +152,25 @@ def test_existing_destination_is_never_touched(site: Site, tmp_path: Path) -> No
     assert tree(site.root) == before
 
 
-def test_destination_parent_must_exist(site: Site, tmp_path: Path) -> None:
+def test_missing_destination_parents_are_created(site: Site, tmp_path: Path) -> None:
     archive = build_tiny(tmp_path / "b", KEY)
-    with pytest.raises(PackageNotFoundError, match="parent directory"):
+    dest = site.root / "no" / "such" / "dir"
+    assert extract_package(archive, dest, trusted_keys=KEYS).name == "tiny"
+    assert verify_package_dir(dest, trusted_keys=KEYS).name == "tiny"
+
+
+def test_parents_created_for_a_refused_package_are_removed(site: Site, tmp_path: Path) -> None:
+    archive = site.archive(signed_head(manifest_for(GENUINE_FILES), fixed_key(8)) + genuine_body())
+    with pytest.raises(PackageSignatureError):
         extract_package(archive, site.root / "no" / "such" / "dir", trusted_keys=KEYS)
     assert not (site.root / "no").exists()
+
+
+def test_destination_parent_that_cannot_be_created(site: Site) -> None:
+    archive = site.archive(head() + genuine_body())
+    (site.root / "afile").write_text("x")
+    with pytest.raises(PackageDestinationError, match=r"cannot create .*afile"):
+        extract_package(archive, site.root / "afile" / "sub" / "pkg", trusted_keys=KEYS)
 
 
 def test_missing_archive(site: Site) -> None:
@@ -321,7 +336,9 @@ def test_listed_file_missing(site: Site) -> None:
 
 def test_content_does_not_match_manifest(site: Site) -> None:
     body = genuine_body()
-    bad = GENUINE_FILES["model.onnx"].replace(b"m", b"M", 1)
+    flipped = bytearray(GENUINE_FILES["model.onnx"])
+    flipped[-1] ^= 0x01  # same size, one bit different
+    bad = bytes(flipped)
     site.refuse(site.archive(head() + body[:2] + [reg("model.onnx", bad)]), match="SHA-256")
 
 

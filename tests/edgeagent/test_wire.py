@@ -27,6 +27,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire_helpers import PREDICT_HEADERS, predict_request, windows
 
 from edgeagent._proto import agent_pb2 as pb
 from edgeagent._proto import agent_pb2_grpc as pb_grpc
@@ -38,24 +39,6 @@ from edgeagent.wire.server import Method, RpcError, Server
 from tests.harness import short_dir
 
 CODE = grpc.StatusCode
-
-
-def windows(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
-    return np.random.default_rng(seed).standard_normal((n, 6, 10, 10), dtype=np.float32)
-
-
-def predict_request(x: np.ndarray[Any, Any]) -> pb.PredictRequest:
-    return pb.PredictRequest(
-        name="wt",
-        tensors=[
-            pb.Tensor(
-                tensor_metadata=pb.TensorMetadata(
-                    name="input", data_type=pb.FLOAT32, shape=[-1, 6, 10, 10]
-                ),
-                byte_data=x.tobytes(),
-            )
-        ],
-    )
 
 
 def output_of(resp: pb.PredictResponse) -> np.ndarray[Any, Any]:
@@ -190,16 +173,6 @@ def read_until_closed(sock: socket.socket) -> bytes:
     except TimeoutError:
         raise AssertionError(f"the agent kept the connection open; sent {got[:200]!r}") from None
     return got
-
-
-PREDICT_HEADERS = h2.encode_headers(
-    [
-        (b":method", b"POST"),
-        (b":scheme", b"http"),
-        (b":path", b"/AWS.SageMaker.Edge.Agent/Predict"),
-        (b"content-type", b"application/grpc"),
-    ]
-)
 
 
 def goaway_codes(data: bytes) -> list[int]:

@@ -171,8 +171,8 @@ def test_agent_killed_and_restarted_verdicts_resume(
     sensors.stream(["k1"])
     listener.wait_for("anomalies", turbine="k1")
     try:
+        killed = time.monotonic()  # before: the app may notice before kill() returns here
         app_stack.agent.kill()
-        killed = time.monotonic()
         listener.wait_for(
             "label/update",
             lambda m: m.json() == {"model_label_status": "Agent unavailable"},
@@ -208,8 +208,8 @@ def test_hot_swap_uses_the_new_thresholds(
     listener.wait_for("anomalies", turbine="h1")
     v1 = v1_thresholds(app_stack)
     try:
+        swapped = time.monotonic()  # before: the app may see 2.0 before load() returns here
         app_stack.agent.load(MODEL, package_v2)
-        swapped = time.monotonic()
         new = listener.wait_for(
             "anomalies", lambda m: m.json()["version"] == "2.0", turbine="h1", count=3
         )

@@ -249,3 +249,65 @@ def test_no_input_raises(payload: bytes, name: str) -> None:
     ingestor.on_message(f"wind-turbine/{name}/raw-data", payload, 1.0)
     ingestor.ingest_object(name, payload, 1.0)
     assert ingestor.messages == 2  # and nothing raised
+
+
+# ---- turbine slots: junk ids must not lock real turbines out until a restart.
+# Learned turbines silent for ``turbine_evict_s`` give their slot back; a fixed
+# allow-list keeps its slots; every refusal is counted under its reason.
+
+
+def test_silent_junk_turbines_give_their_slots_back() -> None:
+    ingestor = make(max_turbines=8, capacity=20)
+    buffers = ingestor.buffers
+    for i in range(1000):
+        send(ingestor, f"junk{i}", SAMPLE, at=1.0)
+    assert len(buffers) == 8
+    send(ingestor, "real", SAMPLE, at=2.0)
+    assert buffers.find("real") is None
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 993}
+
+    assert buffers.evict_idle(now=30.0, idle_s=60.0) == []  # not silent long enough
+    evicted = buffers.evict_idle(now=62.0, idle_s=60.0)
+    assert sorted(evicted) == sorted(f"junk{i}" for i in range(8))
+    assert len(buffers) == 0 and buffers.evicted == 8
+
+    for k in range(25):
+        send(ingestor, "real", SAMPLE, at=62.0 + 0.05 * k)
+    slot = buffers.find("real")
+    assert slot is not None and buffers.ids == ["real"]
+    counts, arrival = buffers.state()
+    assert counts[slot] == 25 and arrival[slot] == 62.0 + 0.05 * 24
+    # the ring holds only the new turbine's samples
+    gathered = buffers.gather(np.array([slot]), 20)
+    assert np.allclose(gathered.features[0], gathered.features[0, -1])
+    assert buffers.take_added()[-1] == "real"
+
+
+def test_a_cached_topic_of_an_evicted_turbine_gets_a_new_slot() -> None:
+    ingestor = make(max_turbines=2, capacity=20)
+    buffers = ingestor.buffers
+    send(ingestor, "a", SAMPLE, at=1.0)
+    send(ingestor, "a", SAMPLE, at=1.1)  # now cached topic -> slot
+    send(ingestor, "b", SAMPLE, at=100.0)
+    assert buffers.evict_idle(now=100.0, idle_s=60.0) == ["a"]
+    send(ingestor, "c", SAMPLE, at=100.1)  # takes a's old slot
+    send(
+        ingestor, "a", SAMPLE, at=100.2
+    )  # a is back: refused (table full), not written into c's slot
+    counts, _arrival = buffers.state()
+    slot_c = buffers.find("c")
+    assert slot_c is not None and counts[slot_c] == 1
+    assert buffers.find("a") is None
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 1}
+
+
+def test_a_fixed_allow_list_keeps_its_slots_and_refusals_are_counted_by_reason() -> None:
+    ingestor = make(max_turbines=4, capacity=20, fixed=["f1", "f2"])
+    buffers = ingestor.buffers
+    send(ingestor, "f1", SAMPLE, at=1.0)
+    send(ingestor, "stranger", SAMPLE, at=1.0)
+    ingestor.on_message("wind-turbine/bad id/raw-data", json.dumps(SAMPLE).encode(), 1.0)
+    assert buffers.evict_idle(now=1000.0, idle_s=60.0) == []
+    assert buffers.ids == ["f1", "f2"]
+    send(ingestor, "f1", SAMPLE, at=1000.0)
+    assert ingestor.drops.counts == {DropReason.UNKNOWN_TURBINE: 1, DropReason.BAD_TOPIC: 1}

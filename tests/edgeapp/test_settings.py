@@ -58,6 +58,15 @@ def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ("no_such_key = 1", "no_such_key"),
         ("max_turbines = 1\nturbines = ['a', 'b']", "max_turbines"),
         ("log_level = 'LOUD'", "log_level"),
+        ("mqtt_ca_file = '/x/ca.pem'", "mqtt_tls = true"),
+        ("mqtt_tls = true\nmqtt_key_file = '/x/k.pem'", "mqtt_key_file needs mqtt_cert_file"),
+        ("mqtt_password = 'p'", "mqtt_password needs mqtt_username"),
+        ("mqtt_status_topic = 'a/#'", "mqtt_status_topic"),
+        ("mqtt_verdict_qos = 2", "mqtt_verdict_qos"),
+        ("mqtt_max_queued = 0", "mqtt_max_queued"),
+        ("mqtt_max_queued = 70000", "mqtt_max_queued"),
+        ("turbine_evict_s = 0", "turbine_evict_s"),
+        ("log_summary_interval_s = -1", "log_summary_interval_s"),
     ],
 )
 def test_invalid_configuration_says_where(tmp_path: Path, text: str, where: str) -> None:
@@ -80,3 +89,34 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "app.toml"
     s = load_settings(example)
     assert s == AppSettings()  # the example documents the defaults
+
+
+def test_the_example_config_documents_every_setting() -> None:
+    """Each setting appears in config/app.toml as ``key = ...`` (or commented out), under a
+    comment, and nothing there is unknown."""
+    import re
+
+    example = Path(__file__).resolve().parents[2] / "config" / "app.toml"
+    lines = example.read_text(encoding="utf-8").splitlines()
+    keys: dict[str, int] = {}
+    for number, line in enumerate(lines):
+        match = re.match(r"^#? ?([a-z_]+) = ", line)
+        if match:
+            keys.setdefault(match.group(1), number)
+    missing = set(AppSettings.model_fields) - set(keys)
+    assert not missing, f"config/app.toml lacks {sorted(missing)}"
+    unknown = set(keys) - set(AppSettings.model_fields)
+    assert not unknown, f"config/app.toml has unknown keys {sorted(unknown)}"
+    for key, number in keys.items():  # a key, or a group of keys, follows its comment
+        above = number - 1
+        while above >= 0 and re.match(r"^[a-z_]+ = ", lines[above]):
+            above -= 1
+        assert above >= 0 and lines[above].startswith("#"), f"{key} has no comment above it"
+
+
+def test_the_password_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WINDEDGE_APP_MQTT_PASSWORD", "hunter2")
+    s = AppSettings(mqtt_username="u")
+    assert s.mqtt_password is not None
+    assert s.mqtt_password.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import sys
 import types
@@ -195,3 +196,150 @@ def test_usage_errors_exit_2(edgectl: Main, capsys: pytest.CaptureFixture[str]) 
         edgectl(["package", "verify", str(BUNDLED)])  # --trusted-keys is required
     assert exc.value.code == 2
     assert "--trusted-keys" in capsys.readouterr().err
+
+
+# --- errors say what happened, in one line ------------------------------------------------
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+    assert err.startswith("edgectl: ")
+    return err
+
+
+def test_extract_creates_missing_parent_folders(
+    edgectl: Main, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "no" / "such" / "dir" / "wind-turbine-1.0"
+    args = ["package", "extract", str(BUNDLED), str(dest), "--trusted-keys", str(DEV_KEYS)]
+    assert edgectl(args) == 0, capsys.readouterr().err
+    assert verify_package_dir(dest, trusted_keys=load_trusted_keys(DEV_KEYS)).version == "1.0"
+
+
+def test_extract_names_a_parent_that_cannot_be_created(
+    edgectl: Main, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    dest = tmp_path / "afile" / "sub" / "pkg"
+    args = ["package", "extract", str(BUNDLED), str(dest), "--trusted-keys", str(DEV_KEYS)]
+    assert edgectl(args) == 1
+    err = _one_line_error(capsys)
+    assert "NotFound" not in err
+    assert "PackageDestination" in err
+    assert str(tmp_path / "afile") in err
+
+
+def test_extract_of_a_failed_package_leaves_no_parent_folders_behind(
+    edgectl: Main, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.tar.gz"
+    data = bytearray(BUNDLED.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    dest = tmp_path / "new" / "parents" / "pkg"
+    args = ["package", "extract", str(bad), str(dest), "--trusted-keys", str(DEV_KEYS)]
+    assert edgectl(args) == 1
+    assert "PackageInvalid" in _one_line_error(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def _signed_dir(tmp_path: Path, model: bytes) -> tuple[Path, Path]:
+    sys.path.insert(0, str(REPO / "tests" / "edgeagent"))
+    try:
+        from conftest_package import (
+            GENUINE_FILES,
+            fixed_key,
+            golden_x,
+            write_public_key,
+            write_signed_dir,
+        )
+    finally:
+        sys.path.remove(str(REPO / "tests" / "edgeagent"))
+    from edgeagent.package.golden import npy_bytes
+
+    key = fixed_key(9)
+    keys = tmp_path / "keys"
+    write_public_key(key, keys / "k.pub")
+    x = golden_x()
+    files = {
+        **GENUINE_FILES,
+        "model.onnx": model,
+        "golden/input.npy": npy_bytes(x),
+        "golden/expected.npy": npy_bytes(x * 2 + 1),
+    }
+    return write_signed_dir(tmp_path / "pkg", files, key), keys
+
+
+def test_verify_golden_of_a_model_runtime_cannot_load_is_one_line(
+    edgectl: Main, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnx import TensorProto, helper
+
+    # standard operators only, so our own check passes it; ONNX Runtime cannot
+    # load it (Add of an input that nothing produces)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "ghost"], ["y"])],
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root, keys = _signed_dir(tmp_path, model.SerializeToString())
+    assert edgectl(["package", "verify", str(root), "--trusted-keys", str(keys)]) == 0
+    capsys.readouterr()
+    code = edgectl(["package", "verify", str(root), "--trusted-keys", str(keys), "--golden"])
+    assert code == 1
+    err = _one_line_error(capsys)
+    assert "ModelLoad" in err
+    assert "ONNX Runtime cannot load model.onnx" in err
+
+
+def test_verify_of_a_hostile_model_is_one_line(
+    edgectl: Main, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
+        "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    root, keys = _signed_dir(tmp_path, model.SerializeToString())
+    assert edgectl(["package", "verify", str(root), "--trusted-keys", str(keys)]) == 1
+    err = _one_line_error(capsys)
+    assert "PackageInvalid" in err
+    assert "com.microsoft" in err
+
+
+def test_deeply_nested_manifest_is_one_line(
+    edgectl: Main, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tarfile
+
+    from edgeagent.package import sign
+    from edgeagent.package.signing import load_private_key
+
+    key = load_private_key(DEV_KEYS / "windedge-dev.key")
+    nested = "[" * 200_000 + "]" * 200_000
+    manifest = json.loads(inspect_package(BUNDLED).to_json_bytes())
+    manifest["preprocessing"]["deep"] = "PLACEHOLDER"
+    data = json.dumps(manifest).replace('"PLACEHOLDER"', nested).encode()
+    archive = tmp_path / "deep-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, content in (("manifest.json", data), ("manifest.sig", sign(data, key))):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    for action in ("verify", "extract"):
+        extra = [str(tmp_path / "dest")] if action == "extract" else []
+        args = ["package", action, str(archive), *extra, "--trusted-keys", str(DEV_KEYS)]
+        assert edgectl(args) == 1
+        err = _one_line_error(capsys)
+        assert "PackageInvalid" in err
+        assert "nested deeper than" in err

@@ -1,0 +1,232 @@
+"""The downloader against real servers: moto's S3 and an HTTPS server with Range.
+
+Resume after a cut (the second request asks for the rest, and the hash covers
+both halves), Range ignored (starts over), 5xx then success, a hash or size
+that does not match, a disk too small, a missing object, a changed object.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ota_harness import LocalTls, PackageServer, make_tls, sha256_file
+
+from ota.document import JobDocument
+from ota.download import Downloader
+from ota.errors import FatalError, TransientError
+from tests.edgeagent.capture_helpers import Moto
+from tests.harness import short_dir
+
+BUCKET = "models"
+SIZE = 300_000
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    path = short_dir("weota-dl-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def blob(base: Path) -> Path:
+    path = base / "pkg.tar.gz"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls(base: Path) -> LocalTls:
+    return make_tls(base / "tls")
+
+
+@pytest.fixture
+def server(tls: LocalTls, blob: Path) -> Iterator[PackageServer]:
+    srv = PackageServer(tls, files={"/pkg.tar.gz": blob}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(blob: Path) -> Iterator[Moto]:
+    server = Moto().start()
+    client = server.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key="pkg.tar.gz", Body=blob.read_bytes())
+    yield server
+    server.stop()
+
+
+def downloader(moto: Moto | None, tls: LocalTls, reserve: int = 0) -> Downloader:
+    def s3() -> object:
+        assert moto is not None
+        return moto.client()
+
+    return Downloader(
+        s3_client=s3,  # type: ignore[arg-type]
+        ca_file=tls.ca_file,
+        timeout=5.0,
+        disk_reserve_bytes=reserve,
+    )
+
+
+def url_doc(server: PackageServer, **extra: object) -> JobDocument:
+    return JobDocument.model_validate(
+        {
+            "type": "new_model",
+            "model_name": "wind-turbine",
+            "model_version": "2.0",
+            "model_package_url": server.url("/pkg.tar.gz") + "?X-Amz-Signature=abc",
+            **extra,
+        }
+    )
+
+
+def s3_doc(**extra: object) -> JobDocument:
+    return JobDocument.model_validate(
+        {
+            "type": "new_model",
+            "model_name": "wind-turbine",
+            "model_version": "2.0",
+            "model_package_bucket": BUCKET,
+            "model_package_key": "pkg.tar.gz",
+            **extra,
+        }
+    )
+
+
+def no_progress(done: int, total: int | None) -> None:
+    pass
+
+
+def test_https_download_resumes_with_range_after_a_cut(
+    server: PackageServer, tls: LocalTls, blob: Path, base: Path, tmp_path: Path
+) -> None:
+    server.faults.truncate = 1
+    server.faults.cut_at = 100_000
+    dest = tmp_path / "a.tar.gz"
+    dl = downloader(None, tls)
+    doc = url_doc(server, sha256=sha256_file(blob), size=SIZE)
+    with pytest.raises(TransientError):
+        dl.fetch(doc, dest, no_progress)
+    assert (tmp_path / "a.tar.gz.part").stat().st_size == 100_000
+    got = dl.fetch(doc, dest, no_progress)
+    assert got.sha256 == sha256_file(blob) and got.size == SIZE
+    assert dest.read_bytes() == blob.read_bytes()
+    assert server.requests[-1]["Range"] == "bytes=100000-"
+    assert server.requests[-1]["If-Range"]  # the ETag of the first response
+    assert not (tmp_path / "a.tar.gz.part").exists()
+
+
+def test_range_ignored_starts_over(
+    server: PackageServer, tls: LocalTls, blob: Path, tmp_path: Path
+) -> None:
+    server.faults.truncate = 1
+    server.faults.ignore_range = True
+    dest = tmp_path / "b.tar.gz"
+    dl = downloader(None, tls)
+    doc = url_doc(server, sha256=sha256_file(blob))
+    with pytest.raises(TransientError):
+        dl.fetch(doc, dest, no_progress)
+    got = dl.fetch(doc, dest, no_progress)  # a 200 to a Range request: the partial is dropped
+    assert got.sha256 == sha256_file(blob)
+    assert dest.read_bytes() == blob.read_bytes()
+
+
+def test_server_errors_are_transient_then_succeed(
+    server: PackageServer, tls: LocalTls, blob: Path, tmp_path: Path
+) -> None:
+    server.faults.errors = 2
+    dl = downloader(None, tls)
+    doc = url_doc(server)
+    dest = tmp_path / "c.tar.gz"
+    for _ in range(2):
+        with pytest.raises(TransientError, match="HTTP 503"):
+            dl.fetch(doc, dest, no_progress)
+    assert dl.fetch(doc, dest, no_progress).size == SIZE
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"sha256": "0" * 64}, "SHA-256 mismatch"),
+        ({"size": SIZE + 1}, "job document says"),
+    ],
+)
+def test_hash_or_size_mismatch_is_fatal_and_leaves_nothing(
+    server: PackageServer, tls: LocalTls, tmp_path: Path, extra: dict[str, object], message: str
+) -> None:
+    dest = tmp_path / "d.tar.gz"
+    with pytest.raises(FatalError, match=message):
+        downloader(None, tls).fetch(url_doc(server, **extra), dest, no_progress)
+    assert list(tmp_path.iterdir()) == [] or all(
+        not p.name.startswith("d.tar.gz") or p.name.endswith(".json") for p in tmp_path.iterdir()
+    )
+    assert not dest.exists()
+
+
+def test_missing_object_and_refused_url_are_fatal(
+    server: PackageServer, tls: LocalTls, tmp_path: Path
+) -> None:
+    doc = url_doc(server).model_copy(update={"model_package_url": server.url("/nothing")})
+    with pytest.raises(FatalError, match="HTTP 404"):
+        downloader(None, tls).fetch(doc, tmp_path / "e.tar.gz", no_progress)
+    server.faults.errors, server.faults.error_status = 1, 403
+    with pytest.raises(FatalError, match="HTTP 403"):
+        downloader(None, tls).fetch(url_doc(server), tmp_path / "e.tar.gz", no_progress)
+
+
+def test_not_enough_disk_is_fatal_before_anything_is_written(
+    server: PackageServer, tls: LocalTls, tmp_path: Path
+) -> None:
+    dl = downloader(None, tls, reserve=1 << 60)
+    with pytest.raises(FatalError, match="not enough disk space"):
+        dl.fetch(url_doc(server, size=SIZE), tmp_path / "f.tar.gz", no_progress)
+    assert not (tmp_path / "f.tar.gz.part").exists()
+
+
+def test_untrusted_certificate_is_refused(server: PackageServer, tmp_path: Path) -> None:
+    other = make_tls(tmp_path / "other")
+    with pytest.raises(TransientError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+        downloader(None, other).fetch(url_doc(server), tmp_path / "g.tar.gz", no_progress)
+
+
+def test_s3_download_and_ranged_resume(
+    moto: Moto, tls: LocalTls, blob: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "h.tar.gz"
+    part = tmp_path / "h.tar.gz.part"
+    dl = downloader(moto, tls)
+    doc = s3_doc(sha256=sha256_file(blob), size=SIZE)
+    # a previous attempt left the first 123,456 bytes (and the object's ETag)
+    head = moto.client().head_object(Bucket=BUCKET, Key="pkg.tar.gz")
+    part.write_bytes(blob.read_bytes()[:123_456])
+    (tmp_path / "h.tar.gz.part.json").write_text(
+        '{"source": "s3://models/pkg.tar.gz", "etag": '
+        + f'"{head["ETag"].replace(chr(34), "")}"'
+        + "}"
+    )
+    seen: list[int] = []
+    got = dl.fetch(doc, dest, lambda done, total: seen.append(done))
+    assert got.sha256 == sha256_file(blob)
+    assert seen[0] > 123_456  # resumed, not restarted
+    assert dest.read_bytes() == blob.read_bytes()
+
+
+def test_s3_missing_key_is_fatal(moto: Moto, tls: LocalTls, tmp_path: Path) -> None:
+    doc = s3_doc().model_copy(update={"model_package_key": "absent.tar.gz"})
+    with pytest.raises(FatalError, match=r"NoSuchKey|404"):
+        downloader(moto, tls).fetch(doc, tmp_path / "i.tar.gz", no_progress)
+
+
+def test_s3_unreachable_is_transient(tls: LocalTls, tmp_path: Path) -> None:
+    from tests.harness import free_port
+
+    dead = Moto(free_port())  # never started: nothing listens there
+    dl = downloader(dead, tls)
+    with pytest.raises(TransientError):
+        dl.fetch(s3_doc(), tmp_path / "j.tar.gz", no_progress)
