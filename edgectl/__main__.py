@@ -11,7 +11,18 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import capture, cloud, config, demo, deploy, models, ota, package, sim, training
+from edgectl.commands import (
+    capture,
+    cloud,
+    config,
+    demo,
+    deploy,
+    models,
+    ota,
+    package,
+    sim,
+    training,
+)
 from edgectl.errors import CommandError
 
 
