@@ -20,11 +20,11 @@ PACKAGE = ROOT / "models" / "wind-turbine-1.0.tar.gz"
 DEV_KEYS = ROOT / "models" / "dev-keys"
 
 
-def extract_bundled(dest: Path) -> Path:
-    """Unpack the bundled package (trusted: it is in the repository)."""
-    target = dest / "wind-turbine-1.0"
+def extract_bundled(dest: Path, package: Path = PACKAGE) -> Path:
+    """Unpack a package of the repository (trusted: it is in the repository)."""
+    target = dest / package.name.removesuffix(".tar.gz")
     target.mkdir(parents=True)
-    with tarfile.open(PACKAGE) as tar:
+    with tarfile.open(package) as tar:
         tar.extractall(target, filter="data")
     return target
 
@@ -32,11 +32,13 @@ def extract_bundled(dest: Path) -> Path:
 @contextmanager
 def running_agent(
     config: dict[str, object] | None = None,
+    package: Path = PACKAGE,
 ) -> Iterator[tuple[AgentClient, int, Path]]:
-    """An agent process serving the bundled model as ``wt``; yields (client, pid, package dir)."""
+    """An agent process serving ``package`` (the bundled model) as ``wt``; yields (client, pid,
+    package dir)."""
     with tempfile.TemporaryDirectory(prefix="windedge-bench-") as tmp:
         tmpdir = Path(tmp)
-        package = extract_bundled(tmpdir)
+        unpacked = extract_bundled(tmpdir, package)
         sock = tmpdir / "agent.sock"
         conf = tmpdir / "agent.toml"
         lines = [
@@ -73,8 +75,8 @@ def running_agent(
                     raise RuntimeError("agent did not start")
                 time.sleep(0.05)
             client.wait_ready(30)
-            client.load_model("wt", package)
-            yield client, proc.pid, package
+            client.load_model("wt", unpacked)
+            yield client, proc.pid, unpacked
         finally:
             client.close()
             os.killpg(proc.pid, signal.SIGTERM)

@@ -68,7 +68,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._agent import running_agent  # noqa: E402
+from bench._agent import PACKAGE, running_agent  # noqa: E402
 from edgeapp.buffers import TurbineBuffers  # noqa: E402
 from edgeapp.detector import VerdictBatch  # noqa: E402
 from edgeapp.features import (  # noqa: E402
@@ -819,6 +819,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0, help="stop trying sizes after")
     parser.add_argument("--no-costs", action="store_true", help="skip the per-item costs")
     parser.add_argument(
+        "--package",
+        type=Path,
+        default=PACKAGE,
+        help="model package the agent serves (e.g. models/wind-turbine-compact-1.0.tar.gz)",
+    )
+    parser.add_argument(
         "--role",
         choices=["sensors", "listener", "count-paho", "count-edgeapp"],
         help=argparse.SUPPRESS,
@@ -850,7 +856,11 @@ def main() -> None:
         tmp = Path(tmp_name)
         with (
             mosquitto(tmp) as (port, broker_pid),
-            running_agent({"max_batch": 1024, "intra_op_threads": 1}) as (client, agent_pid, _pkg),
+            running_agent({"max_batch": 1024, "intra_op_threads": 1}, args.package) as (
+                client,
+                agent_pid,
+                _pkg,
+            ),
         ):
             agent_socket = client.socket_path
             for n in sizes:

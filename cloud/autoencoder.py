@@ -6,18 +6,23 @@ The topology is the original workshop's convolutional autoencoder, built with
 the same shape, the reconstruction. Spatial size 10 -> 11 -> 12 -> 15 -> 12 ->
 11 -> 10 through three Conv/ReLU and three ConvTranspose layers.
 
-The weights here are He-initialised from a seeded RNG: the graph is right, the
-model is untrained. Training replaces the initialisers, not the topology.
+Without trained weights the initialisers are He-initialised from a seeded RNG
+(an untrained model, which the tests use as a second version). Training
+(``cloud.training``) hands its weights to the same builder, so a released
+model has exactly this graph. ``COMPACT_LAYERS`` is the cheaper variant:
+fewer channels and no padding blow-up (10 -> 11 -> 10 -> 9 and back).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeapp.features import FEATURES, PreprocessingParams
@@ -28,7 +33,9 @@ CHANNELS = len(FEATURES)
 SIDE = 10  # a window of 100 samples is a 10 x 10 image per feature
 
 # (op, in channels, out channels, kernel, pad, ReLU after)
-LAYERS: tuple[tuple[str, int, int, int, int, bool], ...] = (
+Layer = tuple[str, int, int, int, int, bool]
+
+LAYERS: tuple[Layer, ...] = (
     ("Conv", 6, 32, 2, 1, True),
     ("Conv", 32, 64, 2, 1, True),
     ("Conv", 64, 128, 2, 2, True),
@@ -36,26 +43,88 @@ LAYERS: tuple[tuple[str, int, int, int, int, bool], ...] = (
     ("ConvTranspose", 64, 32, 2, 1, True),
     ("ConvTranspose", 32, 6, 2, 1, False),
 )
+"""The original workshop's topology: 17.3M multiply-adds per window."""
+
+COMPACT_LAYERS: tuple[Layer, ...] = (
+    ("Conv", 6, 16, 2, 1, True),
+    ("Conv", 16, 32, 2, 0, True),
+    ("Conv", 32, 64, 2, 0, True),
+    ("ConvTranspose", 64, 32, 2, 0, True),
+    ("ConvTranspose", 32, 16, 2, 0, True),
+    ("ConvTranspose", 16, 6, 2, 1, False),
+)
+"""The compact variant: 1.8M multiply-adds per window (9.4x fewer)."""
+
+VARIANTS: Mapping[str, tuple[Layer, ...]] = {"original": LAYERS, "compact": COMPACT_LAYERS}
 
 
-def build_autoencoder_model(*, seed: int = 0) -> onnx.ModelProto:
-    """The autoencoder graph with seeded He-initialised weights and zero biases."""
+def weight_shape(layer: Layer) -> tuple[int, int, int, int]:
+    """Conv weights are [out, in, k, k]; ConvTranspose weights [in, out, k, k] (as in torch)."""
+    op, cin, cout, kernel, _, _ = layer
+    return (cout, cin, kernel, kernel) if op == "Conv" else (cin, cout, kernel, kernel)
+
+
+def layer_names(layers: Sequence[Layer]) -> list[str]:
+    """The initialiser prefix of each layer: ``conv0``, ..., ``convtranspose5``."""
+    return [f"{op.lower()}{index}" for index, (op, *_) in enumerate(layers)]
+
+
+def side_sizes(layers: Sequence[Layer], side: int = SIDE) -> list[int]:
+    """The spatial side after each layer (stride 1)."""
+    sides = []
+    for op, _, _, kernel, pad, _ in layers:
+        side = side + 2 * pad - kernel + 1 if op == "Conv" else side - 2 * pad + kernel - 1
+        sides.append(side)
+    return sides
+
+
+def multiply_adds(layers: Sequence[Layer], side: int = SIDE) -> int:
+    """Multiply-adds of one window through ``layers`` (biases and ReLUs not counted)."""
+    total = 0
+    for layer, out_side in zip(layers, side_sizes(layers, side), strict=True):
+        op, cin, cout, kernel, _, _ = layer
+        # a Conv computes every output pixel; a ConvTranspose scatters every input pixel
+        pixels = out_side**2 if op == "Conv" else side**2
+        total += pixels * cin * cout * kernel * kernel
+        side = out_side
+    return total
+
+
+def build_autoencoder_model(
+    *,
+    seed: int = 0,
+    layers: Sequence[Layer] = LAYERS,
+    weights: Mapping[str, NDArray[np.float32]] | None = None,
+    doc: str = "wind turbine convolutional autoencoder (untrained, seed weights)",
+) -> onnx.ModelProto:
+    """The autoencoder graph; ``weights`` (``<prefix>.weight``/``.bias`` -> array)
+    are trained initialisers, else seeded He-initialised weights and zero biases."""
+    if side_sizes(layers)[-1] != SIDE or layers[0][1] != CHANNELS or layers[-1][2] != CHANNELS:
+        raise ValueError(f"layers must map [N, {CHANNELS}, {SIDE}, {SIDE}] to itself")
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
     current = "input"
-    for index, (op, cin, cout, kernel, pad, relu) in enumerate(LAYERS):
-        prefix = f"{op.lower()}{index}"
-        # Conv weights are [out, in, k, k]; ConvTranspose weights [in, out, k, k]
-        wshape = (cout, cin, kernel, kernel) if op == "Conv" else (cin, cout, kernel, kernel)
-        std = np.sqrt(2.0 / (cin * kernel * kernel))
-        weight = (rng.standard_normal(wshape) * std).astype(np.float32)
-        bias = np.zeros(cout, dtype=np.float32)
+    for index, (layer, prefix) in enumerate(zip(layers, layer_names(layers), strict=True)):
+        op, cin, cout, kernel, pad, relu = layer
+        wshape = weight_shape(layer)
+        if weights is None:
+            std = np.sqrt(2.0 / (cin * kernel * kernel))
+            weight = (rng.standard_normal(wshape) * std).astype(np.float32)
+            bias = np.zeros(cout, dtype=np.float32)
+        else:
+            weight = np.asarray(weights[f"{prefix}.weight"], dtype=np.float32)
+            bias = np.asarray(weights[f"{prefix}.bias"], dtype=np.float32)
+            if weight.shape != wshape or bias.shape != (cout,):
+                raise ValueError(
+                    f"{prefix}: weights {weight.shape} / bias {bias.shape}, "
+                    f"expected {wshape} / {(cout,)}"
+                )
         initializers += [
             numpy_helper.from_array(weight, name=f"{prefix}.weight"),
             numpy_helper.from_array(bias, name=f"{prefix}.bias"),
         ]
-        out = "output" if index == len(LAYERS) - 1 else f"{prefix}.out"
+        out = "output" if index == len(layers) - 1 else f"{prefix}.out"
         conv_out = f"{prefix}.pre" if relu else out
         nodes.append(
             helper.make_node(
@@ -84,7 +153,7 @@ def build_autoencoder_model(*, seed: int = 0) -> onnx.ModelProto:
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="windedge",
-        doc_string="wind turbine convolutional autoencoder (untrained, seed weights)",
+        doc_string=doc,
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)

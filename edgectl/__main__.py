@@ -11,7 +11,18 @@ import sys
 from collections.abc import Sequence
 
 from edgeagent.errors import AgentError
-from edgectl.commands import capture, cloud, config, demo, deploy, models, ota, package, sim
+from edgectl.commands import (
+    capture,
+    cloud,
+    config,
+    demo,
+    deploy,
+    models,
+    ota,
+    package,
+    sim,
+    training,
+)
 from edgectl.errors import CommandError
 
 
@@ -27,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ota.add_parser(sub)
     sim.add_parser(sub)
     demo.add_parser(sub)
+    training.add_parser(sub)
     return parser
 
 

@@ -3,7 +3,8 @@
 #   - Debian packages that are missing (mosquitto for the local broker, systemd
 #     and systemd-container for the device-installation tests),
 #   - .venv/ in the repository root with the project installed editable,
-#     with its dev extras.
+#     with its dev extras and the train extra (torch, CPU build: the test suite
+#     runs a short training).
 # Safe to run again: it reinstalls only when pyproject.toml changed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,10 +58,10 @@ fi
 stamp=.venv/.windedge-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing windedge (editable, dev and local extras) into .venv"
+  log "installing windedge (editable, dev, local and train extras) into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[dev,local]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
-  .venv/bin/python -c 'import edgeagent, onnxruntime, grpc' # fail loudly if the install did not work
+  .venv/bin/python -m pip install -q -e '.[dev,local,train]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
+  .venv/bin/python -c 'import edgeagent, onnxruntime, grpc, torch' # fail loudly if the install did not work
   echo "$want" > "$stamp"
 fi
 log "ready (.venv/bin/edge-agent, .venv/bin/edgectl)"
