@@ -14,10 +14,11 @@ What runs, each a process of its own (logs in ``<run dir>/logs/``):
   dashboard on loopback.
 
 Each device also runs ``edge-ota``, connected over mutual TLS to the
-stand-in as its thing (``env_for(thing)`` gives the endpoints):
-``edgectl ota demo-deploy`` builds the next model version and creates the
-IoT job that updates every device. Adding a process per device is one more
-entry in ``Demo.device_services``.
+stand-in as its thing (``env_for(thing)`` gives the endpoints). The devices
+start on the release before the newest of ``models/`` (1.0), so that
+``edgectl ota demo-deploy`` has a real, trained update to deploy (1.1): it
+uploads that package and creates the IoT job that updates every device.
+Adding a process per device is one more entry in ``Demo.device_services``.
 Stopping goes in reverse: simulator, devices (each device's services in
 reverse order), stand-in.
 """
@@ -46,7 +47,16 @@ from cloud.local import LocalCloud
 from edgeagent.client import AgentClient
 from edgeagent.package import extract_package, load_trusted_keys
 
-__all__ = ["Demo", "DemoError", "DemoOptions", "Device", "Service", "newest_package"]
+__all__ = [
+    "Demo",
+    "DemoError",
+    "DemoOptions",
+    "Device",
+    "Service",
+    "newest_package",
+    "released_packages",
+    "starting_package",
+]
 
 PYTHON: Final = sys.executable
 MODEL: Final = "wind-turbine"
@@ -67,7 +77,7 @@ class DemoOptions:
     run_dir: Path | None = None  # default: a new temporary folder, removed at the end
     models_dir: Path = Path("models")
     trusted_keys: Path = Path("models/dev-keys")
-    model_version: str | None = None  # default: the newest in models_dir
+    model_version: str | None = None  # default: the release before the newest in models_dir
     keep: bool = False
 
 
@@ -143,22 +153,46 @@ class Device:
         return self.folder / "models"
 
 
-def newest_package(models_dir: Path, version: str | None = None) -> tuple[Path, str]:
-    """The released ``wind-turbine-<version>.tar.gz`` to serve (the newest unless named)."""
+def released_packages(models_dir: Path) -> list[tuple[Path, str]]:
+    """Every released ``wind-turbine-<version>.tar.gz`` of ``models_dir``, oldest first.
+
+    Versions as the file names give them (compared as versions: 1.10 > 1.9);
+    the package's signed manifest is what a device checks when it installs it.
+    """
     found = {}
     for path in models_dir.glob(f"{MODEL}-*.tar.gz"):
         match = _VERSION_RE.fullmatch(path.name)
         if match:
             found[tuple(int(p) for p in match[1].split("."))] = (path, match[1])
+    return [found[key] for key in sorted(found)]
+
+
+def newest_package(models_dir: Path, version: str | None = None) -> tuple[Path, str]:
+    """The released ``wind-turbine-<version>.tar.gz`` named, or the newest."""
+    found = released_packages(models_dir)
     if not found:
         raise DemoError(f"no {MODEL}-<version>.tar.gz in {models_dir}")
     if version is not None:
-        for path, name in found.values():
+        for path, name in found:
             if name == version:
                 return path, name
-        known = ", ".join(v for _, v in sorted(found.values()))
+        known = ", ".join(v for _, v in found)
         raise DemoError(f"no {MODEL} version {version} in {models_dir} (there: {known})")
-    return found[max(found)]
+    return found[-1]
+
+
+def starting_package(models_dir: Path, version: str | None = None) -> tuple[Path, str]:
+    """What the demo's devices serve first: the release named, else the one before the newest.
+
+    Starting one release back leaves the newest for ``edgectl ota demo-deploy``
+    to roll out, so the demo's update is a real, trained model version.
+    """
+    if version is not None:
+        return newest_package(models_dir, version)
+    found = released_packages(models_dir)
+    if len(found) >= 2:
+        return found[-2]
+    return newest_package(models_dir)
 
 
 def _free_port(preferred: int) -> int:
@@ -298,7 +332,7 @@ class Demo:
 
     def _start(self) -> None:
         opts = self.options
-        package, version = newest_package(opts.models_dir, opts.model_version)
+        package, version = starting_package(opts.models_dir, opts.model_version)
         keys = load_trusted_keys(opts.trusted_keys)
         if not keys:
             raise DemoError(f"no trusted keys in {opts.trusted_keys}")

@@ -32,7 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--keep", action="store_true", help="keep the run directory afterwards")
     p.add_argument("--models", type=Path, help="released packages (default: models/)")
     p.add_argument("--trusted-keys", type=Path, help="package-signing keys (models/dev-keys)")
-    p.add_argument("--model-version", help="which released version to serve (the newest)")
+    p.add_argument(
+        "--model-version",
+        help="which released version the devices serve first (default: the one before the newest)",
+    )
     p.set_defaults(func=_demo)
 
 

@@ -1,7 +1,10 @@
 """``edgectl ota``: what the OTA updater did and is doing; ask it for jobs now.
 
-``demo-deploy`` is for the local demo: it builds the next model version,
-uploads it to the demo's stand-in and creates the IoT job for every device.
+``demo-deploy`` is for the local demo: it takes the next released model
+version of ``models/`` (newer than what the devices serve), uploads it to the
+demo's stand-in and creates the IoT job for every device. When no release is
+newer, it re-signs the newest release's trained model under the next major
+version (same weights and thresholds), so the update can be shown again.
 
 ``status`` reads the updater's files (``<state_dir>``: the update in
 progress, the committed versions, the last outcomes) and asks the agent what
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -28,7 +32,9 @@ from edgeagent.errors import AgentError, NotFoundError
 from edgeagent.package import (
     PackageError,
     build_package,
+    extract_package,
     load_private_key,
+    load_trusted_keys,
     version_key,
 )
 from edgectl.errors import CommandError
@@ -56,12 +62,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     p = sub.add_parser(
         "demo-deploy",
-        help="build the next model version and deploy it to every device of a running demo",
+        help="deploy the next released model version to every device of a running demo",
     )
     p.add_argument(
         "--run-dir", type=Path, help="the demo's run directory (default: the running demo's)"
     )
-    p.add_argument("--version", help="version to build (default: the served major + 1, e.g. 2.0)")
+    p.add_argument(
+        "--version",
+        help="version to deploy (default: the next release in models/, else the served major + 1)",
+    )
     p.add_argument(
         "--signing-key",
         type=Path,
@@ -223,7 +232,7 @@ def _running_demo() -> Path:
     return max(found)[1]
 
 
-def _next_version(run_dir: Path, devices: list[Path]) -> str:
+def _served_versions(run_dir: Path, devices: list[Path]) -> list[str]:
     versions = []
     for device in devices:
         with contextlib.suppress(AgentError, OSError, ValueError):
@@ -232,17 +241,60 @@ def _next_version(run_dir: Path, devices: list[Path]) -> str:
             versions.append(json.loads((Path(url) / "manifest.json").read_bytes())["version"])
     if not versions:
         raise CommandError(f"no device of the demo in {run_dir} answers (is it running?)")
-    newest = max(versions, key=version_key)
-    return f"{version_key(newest)[0] + 1}.0"
+    return versions
+
+
+def _demo_package(args: argparse.Namespace, run_dir: Path, devices: list[Path]) -> Path:
+    """The package to deploy: a release of ``models/``, or the newest one re-signed."""
+    from edgectl.demo import released_packages  # noqa: PLC0415 - off-device code, on demand
+
+    releases = released_packages(_REPO / "models")
+    if not releases:
+        raise CommandError(f"no released {_MODEL} package in {_REPO / 'models'}")
+    if args.version is not None:
+        try:
+            version_key(args.version)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        for path, version in releases:
+            if version == args.version:
+                return path
+        version = args.version
+    else:
+        newest = max(_served_versions(run_dir, devices), key=version_key)
+        newer = [(p, v) for p, v in releases if version_key(v) > version_key(newest)]
+        if newer:
+            return newer[0][0]
+        version = f"{version_key(newest)[0] + 1}.0"
+    return _resign(releases[-1][0], version, args.signing_key, run_dir / "packages" / version)
+
+
+def _resign(release: Path, version: str, signing_key: Path, work: Path) -> Path:
+    """``release``'s verified model, preprocessing and golden input, signed as ``version``."""
+    import numpy as np  # noqa: PLC0415 - only this path builds a package
+
+    try:
+        key = load_private_key(signing_key)
+        unpacked = work / "release"
+        if unpacked.exists():
+            shutil.rmtree(unpacked)
+        manifest = extract_package(
+            release, unpacked, trusted_keys=load_trusted_keys(signing_key.parent)
+        )
+        return build_package(
+            model_path=unpacked / manifest.model_file,
+            name=_MODEL,
+            version=version,
+            preprocessing=manifest.preprocessing,
+            golden_input=np.load(unpacked / manifest.golden.input, allow_pickle=False),
+            signing_key=key,
+            out_path=work,
+        )
+    except (ValueError, PackageError, OSError) as exc:
+        raise CommandError(f"cannot build {_MODEL} {version} from {release.name}: {exc}") from None
 
 
 def _demo_deploy(args: argparse.Namespace) -> int:
-    import numpy as np  # noqa: PLC0415 - only this command builds a package
-
-    from cloud.autoencoder import (  # noqa: PLC0415
-        build_autoencoder_onnx,
-        default_preprocessing_block,
-    )
     from cloud.deploy import DeployError, DeployOptions, LocalBackend, deploy  # noqa: PLC0415
 
     run_dir: Path = (args.run_dir or _running_demo()).resolve()
@@ -253,25 +305,7 @@ def _demo_deploy(args: argparse.Namespace) -> int:
     devices = sorted((run_dir / "devices").glob("device-*"), key=lambda p: (len(p.name), p.name))
     if not devices:
         raise CommandError(f"no devices in {run_dir}")
-    version = args.version or _next_version(run_dir, devices)
-    try:
-        version_key(version)
-        key = load_private_key(args.signing_key)
-    except (ValueError, PackageError) as exc:
-        raise CommandError(str(exc)) from None
-
-    work = run_dir / "packages" / version
-    work.mkdir(parents=True, exist_ok=True)
-    seed = version_key(version)[0]
-    archive = build_package(
-        model_path=build_autoencoder_onnx(work / "model.onnx", seed=seed),
-        name=_MODEL,
-        version=version,
-        preprocessing=default_preprocessing_block(),
-        golden_input=np.random.default_rng(seed).standard_normal((8, 6, 10, 10), dtype=np.float32),
-        signing_key=key,
-        out_path=work,
-    )
+    archive = _demo_package(args, run_dir, devices)
     try:
         result = deploy(
             backend,
@@ -283,7 +317,7 @@ def _demo_deploy(args: argparse.Namespace) -> int:
         )
     except DeployError as exc:
         raise CommandError(str(exc)) from None
-    print(f"built {archive.name} (signed), uploaded to s3://{result.bucket}/{result.key}")
+    print(f"{archive.name} (signed) uploaded to s3://{result.bucket}/{result.key}")
     print(f"job {result.job_id} created for {', '.join(result.targets)}")
     print(f"follow it: edgectl deploy status {result.job_id} --state-dir {run_dir / 'cloud'}")
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgeagent.client import AgentClient
-from edgectl.demo import newest_package
+from edgectl.demo import newest_package, starting_package
 from tests.harness import free_port, short_dir, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -65,26 +65,43 @@ def test_demo_deploy_updates_every_device_of_the_running_demo() -> None:
         assert "device-1/edge-ota" in pids and "device-2/edge-ota" in pids
         assert f"edgectl ota demo-deploy --run-dir {run_dir}" in text  # the printed command
         sockets = [run_dir / "devices" / d / "agent.sock" for d in ("device-1", "device-2")]
-        released = newest_package(Path(__file__).resolve().parents[2] / "models")[1]
-        assert [serving(s) for s in sockets] == [released, released]  # the newest release
+        models = Path(__file__).resolve().parents[2] / "models"
+        first, newest = starting_package(models)[1], newest_package(models)[1]
+        assert first != newest  # the demo keeps a trained release to roll out
+        assert [serving(s) for s in sockets] == [first, first]
 
-        done = subprocess.run(
-            [*EDGECTL, "ota", "demo-deploy", "--run-dir", str(run_dir)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "job wind-turbine-2" in done.stdout
+        def demo_deploy() -> str:
+            done = subprocess.run(
+                [*EDGECTL, "ota", "demo-deploy", "--run-dir", str(run_dir)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        # the next release of models/, as released (its own signed bytes)
+        assert f"wind-turbine-{newest}.tar.gz (signed) uploaded" in demo_deploy()
         wait_until(
-            lambda: [serving(s) for s in sockets] == ["2.0", "2.0"], 90, "2.0 on every device"
+            lambda: [serving(s) for s in sockets] == [newest, newest], 90, "the release everywhere"
+        )
+        # no newer release: the newest one's model re-signed as the next major version
+        major = f"{int(newest.split('.')[0]) + 1}.0"
+        assert f"wind-turbine-{major}.tar.gz (signed) uploaded" in demo_deploy()
+        wait_until(
+            lambda: [serving(s) for s in sockets] == [major, major], 90, f"{major} everywhere"
         )
         for device in ("device-1", "device-2"):
             history = run_dir / "devices" / device / "ota-state" / "history.json"
-            wait_until(history.exists, 30, f"{device}'s outcome")
-            assert json.loads(history.read_text())[0]["outcome"] == "SUCCEEDED"
+            wait_until(
+                lambda h=history: h.exists() and len(json.loads(h.read_text())) >= 2,
+                30,
+                f"{device}'s outcomes",
+            )
+            outcomes = [entry["outcome"] for entry in json.loads(history.read_text())]
+            assert outcomes[:2] == ["SUCCEEDED", "SUCCEEDED"], outcomes
         os.kill(demo.pid, signal.SIGINT)
         assert demo.wait(60) == 0
     finally:
