@@ -19,13 +19,16 @@ once, here, and uploaded as these very bytes.
 
 Durability (the choice, and its budget): ``put`` renders the record on the
 caller's thread, checks the spool's limits and the real free space of its
-file system, and queues the line; a writer thread appends queued lines and
-fsyncs them as a group.
+file system, and queues the line; queued lines are appended and fsynced as a
+group, by one thread at a time.
 
 - **Durable (the default, ``capture_sync_ack = true``)**: CaptureData returns
-  once its record is fsynced. Group commit: one write and one fsync serve
-  every capture that arrived while the previous fsync ran, so durability costs
-  a few milliseconds of latency, not throughput (bench/capture_durability.py).
+  once its record is fsynced. Group commit, led by the callers: a caller that
+  finds no commit running writes and fsyncs everything queued on its own
+  thread; one write and one fsync serve every capture that arrived while the
+  previous fsync ran, so durability costs a few milliseconds of latency, not
+  throughput (bench/capture_durability.py), and a lone capture no thread
+  hand-off. The writer thread only seals on time and journals refusals.
   Nothing acknowledged is ever lost, not to a crash nor to a power loss.
 - **Non-durable** (``capture_sync_ack = false``): CaptureData returns once
   the record is queued; the writer waits ``capture_commit_window_seconds``
@@ -386,6 +389,11 @@ class CaptureSpool:
         self._flush_requested = False
         self._closing = False
         self._writer_idle = False  # waiting for work (not collecting a group)
+        # one thread at a time writes segments: a durable caller leading a group
+        # commit, or the writer thread; the others wait on the condition
+        self._committing = False
+        self._waiting = 0  # threads waiting on the condition for a commit to end
+        self._gathering = False  # a leader waits for the callers it released
         self._lock_fd: int | None = None
         self._writer: threading.Thread | None = None
         self._dropped_ids: deque[str] = deque(maxlen=4096)
@@ -463,20 +471,76 @@ class CaptureSpool:
             self._bytes += len(line)
             self._pending += len(line)
             self._count("accepted")
-            if self._writer_idle or cfg.sync_ack or len(self._queue) >= cfg.max_unsynced // 2:
+            if cfg.sync_ack:
+                if self._gathering:
+                    self._cond.notify_all()  # the leader waits for this one
+            elif self._writer_idle or len(self._queue) >= cfg.max_unsynced // 2:
                 self._cond.notify_all()  # otherwise the writer is already collecting a group
             if not cfg.sync_ack:
                 return
-            durable = self._cond.wait_for(
-                lambda: self._durable_ticket >= ticket, timeout=SYNC_ACK_TIMEOUT_S
-            )
+        self._commit_as_caller(ticket)
+
+    def _commit_as_caller(self, ticket: int) -> None:
+        """Durable: return once ``ticket`` is fsynced; lead the commit when none runs.
+
+        Group commit led by the callers themselves: a caller that finds no
+        commit running writes and fsyncs everything queued on its own thread,
+        including what others queued meanwhile; callers arriving during that
+        fsync wait, and the first of them to see it end leads the next group.
+        A lone caller thus costs no thread hand-off at all: no writer wake-up
+        to commit it, no wake-up of the caller to answer it (each hand-off is
+        a context switch and a turn of the GIL, taken from the connection
+        threads that run small Predicts inline).
+        """
+        deadline = time.monotonic() + SYNC_ACK_TIMEOUT_S
+        with self._cond:
+            while self._durable_ticket < ticket:
+                if not self._committing:
+                    self._committing = True
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhaustedError(
+                        f"capture not on disk after {SYNC_ACK_TIMEOUT_S:.0f} s "
+                        "(the disk is too slow)"
+                    )
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+            else:
+                failure = self._failed.pop(ticket, None)
+                if failure is not None:
+                    raise ResourceExhaustedError(failure)
+                return
+            self._gather_returning()
+        try:
+            self._write_queued()
+        except OSError as exc:  # those not written were failed; their callers learn why
+            log.error("capture spool write failed", error=str(exc))
+        finally:
+            self._end_commit()
+        with self._cond:
             failure = self._failed.pop(ticket, None)
-        if not durable:
-            raise ResourceExhaustedError(
-                f"capture not on disk after {SYNC_ACK_TIMEOUT_S:.0f} s (the disk is too slow)"
-            )
         if failure is not None:
             raise ResourceExhaustedError(failure)
+
+    def _begin_commit(self) -> None:
+        """Wait until no commit runs, then own the segments (the condition is held)."""
+        while self._committing:
+            self._waiting += 1
+            try:
+                self._cond.wait()
+            finally:
+                self._waiting -= 1
+        self._committing = True
+
+    def _end_commit(self) -> None:
+        with self._cond:
+            self._committing = False
+            if self._waiting:
+                self._cond.notify_all()
 
     def _refusal(self, size: int) -> str | None:
         """Why a capture of ``size`` spool bytes cannot be accepted now (None: it can)."""
@@ -631,9 +695,7 @@ class CaptureSpool:
                 while not self._work_due():
                     self._cond.wait(self._next_wake())
                 self._writer_idle = False
-                if self._queue and self._config.sync_ack:
-                    self._gather_returning()
-                elif self._queue and self._write_error is None:
+                if self._queue and not self._config.sync_ack and self._write_error is None:
                     # group commit: let captures arriving close together share one
                     # write and one fsync (fewer wake-ups and fsyncs beside Predict)
                     deadline = time.monotonic() + self._config.commit_window
@@ -644,7 +706,9 @@ class CaptureSpool:
                         and (left := deadline - time.monotonic()) > 0
                     ):
                         self._cond.wait(left)
+                self._begin_commit()
                 closing = self._closing
+            failed = False
             try:
                 self._write_queued(last_attempt=closing)
                 with self._cond:
@@ -653,9 +717,12 @@ class CaptureSpool:
                     self._seal_open()
             except OSError as exc:  # the disk failed us: keep running, say so
                 log.error("capture spool write failed", error=str(exc))
-                if not closing:
-                    with self._cond:  # no spinning on a lasting failure; a new capture wakes us
-                        self._cond.wait(_RETRY_MIN_S)
+                failed = True
+            finally:
+                self._end_commit()
+            if failed and not closing:
+                with self._cond:  # no spinning on a lasting failure; a new capture wakes us
+                    self._cond.wait(_RETRY_MIN_S)
             if closing:
                 with self._cond:
                     self._durable_ticket = self._next_ticket
@@ -668,8 +735,8 @@ class CaptureSpool:
         Callers that arrived during an fsync are committed together by the next
         one. Without this wait, the callers just released come back while that
         next fsync runs and form a second group: two groups taking turns, each
-        paying a whole fsync. So, shortly after a commit, the writer waits for as
-        many captures as it released (plus those already queued), for at most
+        paying a whole fsync. So, shortly after a commit, the leader waits for as
+        many captures as the last commit released (plus those already queued), for at most
         one fsync's time (capped by the commit window): a group that would
         otherwise wait a whole fsync for its turn waits at most that long, and
         a lone caller, or one that comes back later, does not wait at all.
@@ -677,17 +744,21 @@ class CaptureSpool:
         target = self._queued_at_release + self._released
         limit = min(self._config.commit_window, self._commit_seconds)
         deadline = self._released_at + limit
-        while (
-            len(self._queue) < target
-            and not self._closing
-            and not self._flush_requested
-            and (left := deadline - time.monotonic()) > 0
-        ):
-            self._cond.wait(left)
+        self._gathering = True
+        try:
+            while (
+                len(self._queue) < target
+                and not self._closing
+                and not self._flush_requested
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._cond.wait(left)
+        finally:
+            self._gathering = False
 
     def _work_due(self) -> bool:
         return bool(
-            (self._queue and time.monotonic() >= self._retry_at)
+            (self._queue and not self._config.sync_ack and time.monotonic() >= self._retry_at)
             or self._closing
             or self._flush_requested
             or self._dropped_ids
@@ -756,6 +827,8 @@ class CaptureSpool:
             with self._cond:
                 if not segment.ids:
                     segment.opened_mono = time.monotonic()
+                    if self._writer_idle:  # a caller wrote: the writer's seal timer starts
+                        self._cond.notify_all()
                 segment.ids.extend(item.capture_id for item in chunk)
                 segment.nbytes += len(data)
                 self._pending -= len(data)
@@ -769,7 +842,8 @@ class CaptureSpool:
                 self._released = pos  # written in this round so far
                 self._queued_at_release = len(self._queue)
                 self._released_at = now
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
             if len(segment.ids) >= self._config.batch_size:
                 try:
                     # open the next segment now when captures will need it: more
