@@ -16,7 +16,7 @@ import pytest
 from ota_harness import LocalTls, PackageServer, make_tls, sha256_file
 
 from ota.document import JobDocument
-from ota.download import Downloader
+from ota.download import Downloader, S3Access
 from ota.errors import FatalError, TransientError
 from tests.edgeagent.capture_helpers import Moto
 from tests.harness import short_dir
@@ -61,16 +61,24 @@ def moto(blob: Path) -> Iterator[Moto]:
     server.stop()
 
 
-def downloader(moto: Moto | None, tls: LocalTls, reserve: int = 0) -> Downloader:
-    def s3() -> object:
-        assert moto is not None
-        return moto.client()
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials for moto through boto3's default chain (the S3 download child inherits them)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
 
+
+def downloader(
+    moto: Moto | None, tls: LocalTls, reserve: int = 0, silence: float | None = None
+) -> Downloader:
     return Downloader(
-        s3_client=s3,  # type: ignore[arg-type]
+        s3=S3Access(
+            region="us-east-1", endpoint_url=moto.endpoint if moto else None, iot=None
+        ),
         ca_file=tls.ca_file,
         timeout=5.0,
         disk_reserve_bytes=reserve,
+        child_silence_s=silence,
     )
 
 
