@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import selectors
@@ -41,13 +40,13 @@ from edgecommon.fsutil import atomic_write_json, fsync_dir
 from edgecommon.iot_credentials import CredentialsError, IotCredentialsConfig, fetch_credentials
 from ota.document import JobDocument
 from ota.errors import FatalError, TransientError
+from ota.fileio import CHUNK, content_range, hash_prefix, write_all
 
 if TYPE_CHECKING:
     from urllib3 import PoolManager
 
 log = structlog.get_logger(__name__)
 
-CHUNK = 1024 * 1024
 _TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 Progress = Callable[[int, int | None], None]
 
@@ -402,42 +401,9 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def content_range(text: str | None) -> tuple[int, int | None]:
-    """``bytes 100-199/200`` -> (100, 200); TransientError when unusable."""
-    try:
-        if text is None:
-            raise ValueError("missing")
-        unit, rest = text.split(" ", 1)
-        span, total = rest.split("/", 1)
-        start = int(span.split("-", 1)[0])
-        if unit != "bytes":
-            raise ValueError(unit)
-        return start, None if total == "*" else int(total)
-    except ValueError as exc:
-        raise TransientError(f"unusable Content-Range {text!r}") from exc
-
-
-def hash_prefix(path: Path, length: int) -> Any:
-    digest = hashlib.sha256()
-    if length == 0:
-        return digest
-    with path.open("rb") as f:
-        remaining = length
-        while remaining and (chunk := f.read(min(CHUNK, remaining))):
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest
-
-
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (FileNotFoundError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -30,8 +30,8 @@ import sys
 import threading
 from typing import IO, TYPE_CHECKING, Any
 
-from ota.download import CHUNK, content_range, hash_prefix, write_all
 from ota.errors import FatalError, TransientError
+from ota.fileio import CHUNK, content_range, hash_prefix, write_all
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
