@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -270,6 +270,20 @@ def gone(pid: int) -> bool:
     return False
 
 
+def signal_child_once(
+    dl: Downloader, signum: int, signalled: list[int]
+) -> Callable[[int, int | None], None]:
+    """A progress callback that sends ``signum`` to the download child at the first chunk."""
+
+    def progress(done: int, total: int | None) -> None:
+        if not signalled:
+            assert dl.child_pid is not None
+            signalled.append(dl.child_pid)
+            os.kill(dl.child_pid, signum)
+
+    return progress
+
+
 def test_s3_download_never_loads_boto3_into_the_updater(
     moto: Moto, tls: LocalTls, blob: Path, tmp_path: Path
 ) -> None:
@@ -303,15 +317,8 @@ def test_killed_download_child_is_transient_and_the_retry_resumes(
     dl = downloader(moto, tls)
     doc = big_doc(big)
     killed: list[int] = []
-
-    def kill_child(done: int, total: int | None) -> None:
-        if not killed:
-            assert dl.child_pid is not None
-            killed.append(dl.child_pid)
-            os.kill(dl.child_pid, signal.SIGKILL)
-
     with pytest.raises(TransientError, match="signal 9"):
-        dl.fetch(doc, dest, kill_child)
+        dl.fetch(doc, dest, signal_child_once(dl, signal.SIGKILL, killed))
     assert gone(killed[0])  # reaped, not a zombie
     kept = (tmp_path / "k.tar.gz.part").stat().st_size
     assert 0 < kept < BIG
@@ -326,15 +333,10 @@ def test_silent_download_child_is_killed_and_transient(
 ) -> None:
     dl = downloader(moto, tls, silence=1.5)
     stopped: list[int] = []
-
-    def freeze_child(done: int, total: int | None) -> None:
-        if not stopped:
-            assert dl.child_pid is not None
-            stopped.append(dl.child_pid)
-            os.kill(dl.child_pid, signal.SIGSTOP)
-
     with pytest.raises(TransientError, match="no word from the download process"):
-        dl.fetch(big_doc(big), tmp_path / "s.tar.gz", freeze_child)
+        dl.fetch(
+            big_doc(big), tmp_path / "s.tar.gz", signal_child_once(dl, signal.SIGSTOP, stopped)
+        )
     assert gone(stopped[0])
 
 

@@ -381,25 +381,23 @@ def test_s3_download_child_killed_is_retried_and_fails_clearly_when_it_keeps_dyi
 ) -> None:
     dev = device()
     ota = dev.start_ota()
+
+    def deploy_killing(budget: int) -> tuple[dict[str, Any], ChildKiller]:
+        killer = ChildKiller(ota.proc.pid, budget=budget)
+        try:
+            return dev.wait_final(dev.deploy(archives.get("2.0"))), killer
+        finally:
+            killer.stop()
+
     # every download child dies: the attempts run out and the job says why
-    killer = ChildKiller(ota.proc.pid, budget=1000)
-    try:
-        job = dev.deploy(archives.get("2.0"))
-        final = dev.wait_final(job)
-    finally:
-        killer.stop()
+    final, killer = deploy_killing(1000)
     assert final["status"] == "FAILED", final
     assert "downloading" in final["statusDetails"]["step"]
     assert "download process ended (signal 9)" in final["statusDetails"]["reason"]
     assert len(killer.killed) == dev.settings["download_attempts"]
     assert dev.serving() == "1.0"
     # one child dies: the next attempt resumes and the update succeeds
-    killer = ChildKiller(ota.proc.pid, budget=1)
-    try:
-        job = dev.deploy(archives.get("2.0"))
-        final = dev.wait_final(job)
-    finally:
-        killer.stop()
+    final, killer = deploy_killing(1)
     assert final["status"] == "SUCCEEDED", final
     assert len(killer.killed) == 1
     assert dev.serving() == "2.0"
