@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ota.errors import FatalError, TransientError
@@ -112,8 +113,8 @@ def run(request: dict[str, Any], out: IO[str]) -> None:
     start, total = 0, int(resp.get("ContentLength", 0)) or None
     if "ContentRange" in resp:
         start, total = content_range(resp["ContentRange"])
-    if start != offset:
-        start = 0  # the whole object came back
+    if start not in (offset, 0):  # neither what we asked for nor the whole object
+        raise TransientError(f"asked for bytes from {offset}, got them from {start}")
     send("opened", start=start, total=total, etag=resp.get("ETag"))
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if start else os.O_TRUNC)
     fd = os.open(part, flags, 0o640)
@@ -139,13 +140,7 @@ def run(request: dict[str, Any], out: IO[str]) -> None:
         body.close()
     if total is not None and done < total:
         raise TransientError(f"connection ended at {done} of {total}")
-    send("done", size=done, sha256=hash_prefix_file(part, done))
-
-
-def hash_prefix_file(path: str, length: int) -> str:
-    from pathlib import Path  # noqa: PLC0415
-
-    return str(hash_prefix(Path(path), length).hexdigest())
+    send("done", size=done, sha256=hash_prefix(Path(part), done).hexdigest())
 
 
 def _lifeline() -> None:
