@@ -9,7 +9,8 @@ builds signed packages whose model carries that many MB of incompressible
 weights, uploads them, and times, from ``create_job``:
 
 - for presigned-URL jobs first (``edge-ota`` fetches with urllib3), then
-  for S3 jobs (boto3 with credentials from the IoT credentials provider):
+  for S3 jobs (boto3, in a child process, with credentials from the IoT
+  credentials provider):
   until the agent serves the new version (``DescribeModel`` names its
   directory), and until the job is SUCCEEDED in the emulator;
 
@@ -17,7 +18,9 @@ while a client predicts without pause (failed predictions are counted). The
 baseline, measured in the same run, is the agent's own hot swap of the same
 package (``LoadModel`` of an unpacked copy): what the updater adds on top is
 download, verification, extraction, reporting and its live check. Finally
-``edge-ota``'s resident memory (VmRSS, and the high-water mark VmHWM).
+``edge-ota``'s resident memory (VmRSS, and the high-water mark VmHWM), and
+the peak of its short-lived S3 download children (``python -m ota.s3fetch``,
+which alone load boto3).
 """
 
 from __future__ import annotations
@@ -124,6 +127,36 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
+class ChildPeak:
+    """The highest VmHWM of ``edge-ota``'s S3 download children (``python -m ota.s3fetch``)."""
+
+    def __init__(self, parent: int) -> None:
+        self.peak_mb = 0
+        self._parent = parent
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    status = (entry / "status").read_text()
+                    if f"\nPPid:\t{self._parent}\n" not in status:
+                        continue
+                    if b"ota.s3fetch" in (entry / "cmdline").read_bytes():
+                        self.peak_mb = max(self.peak_mb, memory(int(entry.name))["VmHWM"])
+                except (OSError, KeyError):
+                    continue  # it ended meanwhile
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak_mb
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,50", help="package sizes in MB (1,50)")
@@ -175,6 +208,7 @@ def main() -> int:
             results: list[dict[str, Any]] = []
             for source, megabytes in [(src, mb) for src in args.sources.split(",") for mb in sizes]:
                 serve_s, done_s, base_s, failed, ok = [], [], [], 0, 0
+                children = ChildPeak(ota.pid)
                 for _ in range(args.rounds):
                     version += 1
                     tag = f"{version}.0"
@@ -233,6 +267,7 @@ def main() -> int:
                     failed += load.failed
                     ok += load.ok
                 mem = memory(ota.pid)
+                child_peak = children.stop()
                 row = {
                     "source": source,
                     "package_MB": round(archive.stat().st_size / 1e6, 1),
@@ -246,21 +281,23 @@ def main() -> int:
                     "predictions_failed": failed,
                     "ota_VmRSS_MB": mem["VmRSS"],
                     "ota_VmHWM_MB": mem["VmHWM"],
+                    "s3_child_peak_MB": child_peak or None,
                 }
                 results.append(row)
                 print(json.dumps(row))
             print()
             print(
                 "| source | package | job -> serving | job -> SUCCEEDED | agent hot swap alone | "
-                "ratio | predictions failed / ok | edge-ota RSS (peak) |"
+                "ratio | predictions failed / ok | edge-ota RSS (peak) | S3 download child peak |"
             )
-            print("|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|")
             for r in results:
                 print(
                     f"| {r['source']} | {r['package_MB']} MB | {r['job_to_serving_s']} s | "
                     f"{r['job_to_succeeded_s']} s | {r['agent_hot_swap_s']} s | "
                     f"{r['ratio_vs_hot_swap']}x | {r['predictions_failed']} / "
-                    f"{r['predictions_ok']} | {r['ota_VmRSS_MB']} MB ({r['ota_VmHWM_MB']} MB) |"
+                    f"{r['predictions_ok']} | {r['ota_VmRSS_MB']} MB ({r['ota_VmHWM_MB']} MB) | "
+                    + (f"{r['s3_child_peak_MB']} MB |" if r["s3_child_peak_MB"] else "- |")
                 )
     finally:
         if ota is not None and ota.poll() is None:

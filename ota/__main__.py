@@ -22,7 +22,7 @@ from types import FrameType
 
 import structlog
 
-from edgecommon.iot_credentials import IotCredentialsConfig, make_s3_client
+from edgecommon.iot_credentials import IotCredentialsConfig
 from edgecommon.logging import configure_logging
 from edgecommon.memory import tune_malloc
 from edgecommon.sdnotify import Notifier
@@ -37,7 +37,7 @@ class App:
 
     def __init__(self, settings: OtaSettings) -> None:
         from edgeagent.client import AgentClient  # noqa: PLC0415 - after malloc tuning
-        from ota.download import Downloader  # noqa: PLC0415
+        from ota.download import Downloader, S3Access  # noqa: PLC0415
         from ota.install import Installer  # noqa: PLC0415
         from ota.jobs import IotJobs  # noqa: PLC0415
         from ota.store import Store  # noqa: PLC0415
@@ -58,12 +58,7 @@ class App:
                 models_dir=settings.models_dir, trusted_keys_dir=settings.trusted_keys
             ),
             downloader=Downloader(
-                s3_client=lambda: make_s3_client(
-                    region=settings.region,
-                    endpoint_url=settings.s3_endpoint_url,
-                    iot=iot,
-                    timeout=settings.download_timeout_s,
-                ),
+                s3=S3Access(region=settings.region, endpoint_url=settings.s3_endpoint_url, iot=iot),
                 ca_file=settings.download_ca_file,
                 timeout=settings.download_timeout_s,
                 disk_reserve_bytes=settings.disk_reserve_bytes,

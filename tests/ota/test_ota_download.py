@@ -7,17 +7,22 @@ that does not match, a disk too small, a missing object, a changed object.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Iterator
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from ota_harness import LocalTls, PackageServer, make_tls, sha256_file
 
 from ota.document import JobDocument
-from ota.download import Downloader
-from ota.errors import FatalError, TransientError
+from ota.download import Downloader, S3Access
+from ota.errors import CanceledError, FatalError, TransientError
 from tests.edgeagent.capture_helpers import Moto
 from tests.harness import short_dir
 
@@ -61,16 +66,22 @@ def moto(blob: Path) -> Iterator[Moto]:
     server.stop()
 
 
-def downloader(moto: Moto | None, tls: LocalTls, reserve: int = 0) -> Downloader:
-    def s3() -> object:
-        assert moto is not None
-        return moto.client()
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials for moto through boto3's default chain (the S3 download child inherits them)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
 
+
+def downloader(
+    moto: Moto | None, tls: LocalTls, reserve: int = 0, silence: float | None = None
+) -> Downloader:
     return Downloader(
-        s3_client=s3,  # type: ignore[arg-type]
+        s3=S3Access(region="us-east-1", endpoint_url=moto.endpoint if moto else None, iot=None),
         ca_file=tls.ca_file,
         timeout=5.0,
         disk_reserve_bytes=reserve,
+        child_silence_s=silence,
     )
 
 
@@ -230,3 +241,152 @@ def test_s3_unreachable_is_transient(tls: LocalTls, tmp_path: Path) -> None:
     dl = downloader(dead, tls)
     with pytest.raises(TransientError):
         dl.fetch(s3_doc(), tmp_path / "j.tar.gz", no_progress)
+
+
+# -- S3 downloads run in a child process (boto3's memory is never kept by edge-ota) --------
+
+BIG = 24 * 1024 * 1024  # 24 chunks: the child is still downloading at the first progress
+
+
+@pytest.fixture(scope="module")
+def big(moto: Moto, base: Path) -> Path:
+    path = base / "big.tar.gz"
+    path.write_bytes(os.urandom(BIG))
+    moto.client().put_object(Bucket=BUCKET, Key="big.tar.gz", Body=path.read_bytes())
+    return path
+
+
+def big_doc(big: Path) -> JobDocument:
+    return s3_doc(sha256=sha256_file(big), size=BIG).model_copy(
+        update={"model_package_key": "big.tar.gz"}
+    )
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def signal_child_once(
+    dl: Downloader, signum: int, signalled: list[int]
+) -> Callable[[int, int | None], None]:
+    """A progress callback that sends ``signum`` to the download child at the first chunk."""
+
+    def progress(done: int, total: int | None) -> None:
+        if not signalled:
+            assert dl.child_pid is not None
+            signalled.append(dl.child_pid)
+            os.kill(dl.child_pid, signum)
+
+    return progress
+
+
+def test_s3_download_never_loads_boto3_into_the_updater(
+    moto: Moto, tls: LocalTls, blob: Path, tmp_path: Path
+) -> None:
+    """The download happens in a child: the calling process has no boto3 afterwards."""
+    script = f"""
+import sys
+from pathlib import Path
+from ota.document import JobDocument
+from ota.download import Downloader, S3Access
+doc = JobDocument.model_validate({{
+    "type": "new_model", "model_name": "m", "model_version": "2.0",
+    "model_package_bucket": "{BUCKET}", "model_package_key": "pkg.tar.gz",
+    "sha256": "{sha256_file(blob)}", "size": {SIZE}}})
+dl = Downloader(s3=S3Access(region="us-east-1", endpoint_url="{moto.endpoint}", iot=None),
+                ca_file=None, timeout=5.0, disk_reserve_bytes=0)
+pids = set()
+got = dl.fetch(doc, Path("{tmp_path}") / "p.tar.gz", lambda d, t: pids.add(dl.child_pid))
+print(got.sha256, sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore")),
+      len(pids - {{None}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert out == [sha256_file(blob), "[]", "1"]  # right bytes, no boto in here, one child
+
+
+def test_killed_download_child_is_transient_and_the_retry_resumes(
+    moto: Moto, tls: LocalTls, big: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "k.tar.gz"
+    dl = downloader(moto, tls)
+    doc = big_doc(big)
+    killed: list[int] = []
+    with pytest.raises(TransientError, match="signal 9"):
+        dl.fetch(doc, dest, signal_child_once(dl, signal.SIGKILL, killed))
+    assert gone(killed[0])  # reaped, not a zombie
+    kept = (tmp_path / "k.tar.gz.part").stat().st_size
+    assert 0 < kept < BIG
+    seen: list[int] = []
+    got = dl.fetch(doc, dest, lambda done, total: seen.append(done))
+    assert seen[0] > kept  # resumed where the killed child stopped
+    assert got.sha256 == sha256_file(big) and dest.read_bytes() == big.read_bytes()
+
+
+def test_silent_download_child_is_killed_and_transient(
+    moto: Moto, tls: LocalTls, big: Path, tmp_path: Path
+) -> None:
+    dl = downloader(moto, tls, silence=1.5)
+    stopped: list[int] = []
+    with pytest.raises(TransientError, match="no word from the download process"):
+        dl.fetch(
+            big_doc(big), tmp_path / "s.tar.gz", signal_child_once(dl, signal.SIGSTOP, stopped)
+        )
+    assert gone(stopped[0])
+
+
+def test_cancellation_kills_the_download_child(
+    moto: Moto, tls: LocalTls, big: Path, tmp_path: Path
+) -> None:
+    dl = downloader(moto, tls)
+    pids: list[int] = []
+
+    def cancel(done: int, total: int | None) -> None:
+        assert dl.child_pid is not None
+        pids.append(dl.child_pid)
+        raise CanceledError("job cancelled")
+
+    with pytest.raises(CanceledError):
+        dl.fetch(big_doc(big), tmp_path / "c.tar.gz", cancel)
+    assert gone(pids[0]) and dl.child_pid is None
+
+
+def test_download_child_exits_when_the_updater_dies(tmp_path: Path) -> None:
+    """Its stdin is a lifeline: an orphan never writes into a file a restarted updater resumes."""
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        request = {
+            "bucket": BUCKET,
+            "key": "pkg.tar.gz",
+            "offset": 0,
+            "etag": None,
+            "part": str(tmp_path / "o.part"),
+            "limit": None,
+            "region": "us-east-1",
+            "endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "timeout": 60.0,
+            "credentials": {"access_key": "testing", "secret_key": "testing", "token": None},
+        }
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ota.s3fetch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert child.stdin is not None
+            child.stdin.write(json.dumps(request).encode() + b"\n")
+            child.stdin.flush()
+            conn, _ = silent.accept()  # the child is waiting for S3's answer, which never comes
+            with conn:
+                child.stdin.close()  # what the kernel does when the updater is SIGKILLed
+                assert child.wait(timeout=10) == 3
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            assert child.stdout is not None
+            child.stdout.close()

@@ -7,7 +7,10 @@ accepted final update on the wire, and wind-turbine 1.0 still serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -331,3 +334,73 @@ def test_restart_prune_reconcile_and_presigned_urls(device: MakeDevice, archives
     dev.start_ota()
     wait_until(lambda: dev.agent.client.list_models() != [], 20, "the committed version back")
     assert dev.serving() == "3.0"
+
+
+# -- S3 downloads run in a child of edge-ota; a child that dies is retried, then FAILED -------
+def _download_children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"\nPPid:\t{parent}\n" in status and b"ota.s3fetch" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+class ChildKiller:
+    """Kills edge-ota's S3 download children as they appear, at most ``budget`` of them."""
+
+    def __init__(self, parent: int, budget: int) -> None:
+        self.killed: list[int] = []
+        self._parent, self._budget = parent, budget
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.killed) < self._budget:
+            for pid in _download_children(self._parent):
+                if pid not in self.killed and len(self.killed) < self._budget:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append(pid)
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_s3_download_child_killed_is_retried_and_fails_clearly_when_it_keeps_dying(
+    device: MakeDevice, archives: Archives
+) -> None:
+    dev = device()
+    ota = dev.start_ota()
+
+    def deploy_killing(budget: int) -> tuple[dict[str, Any], ChildKiller]:
+        killer = ChildKiller(ota.proc.pid, budget=budget)
+        try:
+            return dev.wait_final(dev.deploy(archives.get("2.0"))), killer
+        finally:
+            killer.stop()
+
+    # every download child dies: the attempts run out and the job says why
+    final, killer = deploy_killing(1000)
+    assert final["status"] == "FAILED", final
+    assert "downloading" in final["statusDetails"]["step"]
+    assert "download process ended (signal 9)" in final["statusDetails"]["reason"]
+    assert len(killer.killed) == dev.settings["download_attempts"]
+    assert dev.serving() == "1.0"
+    # one child dies: the next attempt resumes and the update succeeds
+    final, killer = deploy_killing(1)
+    assert final["status"] == "SUCCEEDED", final
+    assert len(killer.killed) == 1
+    assert dev.serving() == "2.0"
+    interrupted = [e for e in ota.events() if e.get("event") == "download interrupted"]
+    assert any("signal 9" in e.get("error", "") for e in interrupted), interrupted
+    assert _download_children(ota.proc.pid) == []  # none left behind
