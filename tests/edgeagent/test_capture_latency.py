@@ -18,9 +18,13 @@ in five modes:
 * ``concurrent refused``: the control: another process sends as many
   refused CaptureData requests.
 
-Asserted: capture's own cost, each capture mode against its control, moves
-Predict p50 by at most 5 %. Why controls: this machine has 2 cores shared
-with other work, and the Predict loop alone keeps about one of them busy;
+Asserted, for both acknowledgement modes: capture's own cost, each capture
+mode against its control, moves Predict p50 by at most 5 % when captures are
+acknowledged once queued (``capture_sync_ack = false``), and by at most 15 %
+when each is acknowledged only once fsynced (the default): a client that
+waits for every answer then costs one fsync per capture. Why controls: this
+machine has 2 cores shared with other work, and the Predict loop alone keeps
+about one of them busy;
 any second RPC, even one refused at once, then costs Predict some CPU time
 (an unthrottled loop of GetCaptureDataStatus calls: +30 %, an unthrottled
 capture loop: +75 %, both mostly CPU contention, not asserted), and an idle
@@ -58,7 +62,14 @@ BLOCKS = 20  # per run and mode
 PER_BLOCK = 20  # Predicts per block
 RUNS = 3
 CONCURRENT_RATE = 100.0  # captures/s from the other process
+# Acknowledged once queued (group-committed within the window): the capture work
+# itself may move Predict p50 by at most 5 %.
 LIMIT = 1.05
+# Acknowledged once fsynced (the default): a client that waits for each answer
+# costs one fsync per capture (100/s here), ~100-200 us of kernel CPU each on this
+# 2-core VM, on top of the capture work. Measured 1.00-1.10 against the control;
+# the bound keeps that cost visible and stops it from growing.
+LIMIT_DURABLE = 1.15
 
 # the other process: captures (or sends refused captures) at a fixed rate while
 # switched on (stdin "capture" / "refused" / "off")
@@ -148,12 +159,16 @@ class CaptureLoop:
                 stream.close()
 
 
-def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
+@pytest.mark.parametrize(
+    ("sync_ack", "limit"), [(False, LIMIT), (True, LIMIT_DURABLE)], ids=["queued", "durable"]
+)
+def test_capture_does_not_move_predict_p50(pool: Agents, sync_ack: bool, limit: float) -> None:
     base = short_dir("wecap-lat-")
     try:
         model = extract_model(base / "wind-turbine-1.0")
         agent = pool.start(
             {
+                "capture_sync_ack": sync_ack,
                 "capture_disk_path": str(base / "captured"),
                 "capture_push_period_seconds": 1.0,  # uploads happen during the measurement
                 "capture_buffer_size": 100_000,
@@ -241,7 +256,7 @@ def test_capture_does_not_move_predict_p50(pool: Agents) -> None:
         )
         for m, control in pairs.items():
             ratio = statistics.median(ratios[m])
-            assert ratio <= LIMIT, f"{m} moves Predict p50 by x{ratio:.3f} against {control}"
+            assert ratio <= limit, f"{m} moves Predict p50 by x{ratio:.3f} against {control}"
         assert captured == RUNS * BLOCKS * PER_BLOCK  # the load was real
     finally:
         shutil.rmtree(base, ignore_errors=True)
