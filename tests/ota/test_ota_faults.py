@@ -15,7 +15,6 @@ import contextlib
 import errno
 import http.client
 import os
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import pytest
 from ota_devices import MODEL, Archive, Archives, Device, MakeDevice
 
 from cloud.local import LocalCloud
-from tests.harness import short_dir, wait_until
+from tests.harness import small_filesystem, wait_until
 
 _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection"})
 _CODES = {500: "InternalError", 503: "SlowDown"}
@@ -220,28 +219,6 @@ def test_s3_errors_beyond_the_attempts_fail_the_job(
 
 
 # -- a disk that fills up during the download ----------------------------------------------
-@contextlib.contextmanager
-def small_filesystem(size_mb: int) -> Iterator[Path]:
-    """A fresh tmpfs of ``size_mb`` MB, unmounted (and its folder removed) afterwards."""
-    where = short_dir("weota-full-")
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (root needed): {done.stderr.strip()}")
-        try:
-            yield where
-        finally:
-            subprocess.run(["umount", "-l", str(where)], check=False)
-    finally:
-        with contextlib.suppress(OSError):
-            where.rmdir()
-
-
 def fill(folder: Path) -> Path:
     """Another writer takes every free byte of ``folder``'s file system."""
     filler = folder / "other-writer.log"
