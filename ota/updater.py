@@ -178,10 +178,13 @@ class Updater:
         structlog.contextvars.bind_contextvars(job_id=record.job_id)
         try:
             while record.state != State.DONE:
-                self._persist(record)
+                unsaved = self._persist(record)
                 crash_point(f"state:{record.state}")
                 state = State(record.state)
-                event = self._step(state, record)
+                if unsaved is None:
+                    event = self._step(state, record)
+                else:  # never go forward with a step a restart could not resume
+                    event = self._failed(record, state, unsaved, Event.FAIL)
                 move = next_move(state, event)
                 if move.outcome is not None:
                     record.outcome = move.outcome
@@ -192,7 +195,12 @@ class Updater:
             structlog.contextvars.unbind_contextvars("job_id")
             self.current = None
 
-    def _persist(self, record: Record) -> None:
+    def _persist(self, record: Record) -> OSError | None:
+        """Save the record before its step; the error when it cannot be saved (a full disk).
+
+        Unwinding (rollback, cleaning, reporting) goes on without a saved record: the
+        final status reaches the cloud even when the disk stays full.
+        """
         record.transitions += 1
         if record.transitions > MAX_TRANSITIONS and record.state not in (
             State.ROLLING_BACK,
@@ -203,11 +211,18 @@ class Updater:
             record.outcome = Outcome.FAILED
             record.reason = f"state machine loop ({record.transitions} transitions)"
             record.state = State.ROLLING_BACK
-        self.store.save_record(record)
+        try:
+            self.store.save_record(record)
+        except OSError as exc:
+            log.error("cannot save the update record", state=str(record.state), error=str(exc))
+            if record.state in (State.ROLLING_BACK, State.CLEANING, State.REPORTING):
+                return None
+            return exc
+        return None
 
     def _finish(self, record: Record) -> None:
         if self.store.finished(record.job_id, record.execution_number) is None:
-            self.store.add_outcome(
+            self._add_outcome(
                 Finished(
                     job_id=record.job_id,
                     execution_number=record.execution_number,
@@ -227,6 +242,12 @@ class Updater:
             to_version=record.to_version,
             reason=record.reason,
         )
+
+    def _add_outcome(self, outcome: Finished) -> None:
+        try:
+            self.store.add_outcome(outcome)
+        except OSError as exc:  # reported to the cloud already; only the local history misses it
+            log.error("cannot save the outcome history", error=str(exc))
 
     def _step(self, state: State, record: Record) -> Event:
         steps: dict[State, Callable[[Record], None]] = {

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+import pytest
 
 
 def short_dir(prefix: str = "we-") -> Path:
@@ -48,3 +52,28 @@ def wait_until(
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@contextlib.contextmanager
+def small_filesystem(size_mb: int) -> Iterator[Path]:
+    """A fresh tmpfs of ``size_mb`` MB, unmounted (and its folder removed) afterwards.
+
+    Mounting needs root; the test is skipped, with the reason, where it is impossible.
+    """
+    where = short_dir("wefull-")
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (root needed): {done.stderr.strip()}")
+        try:
+            yield where
+        finally:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+    finally:
+        with contextlib.suppress(OSError):
+            where.rmdir()

@@ -15,11 +15,9 @@ unmounted afterwards), the destination is unreachable, and captures of about
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -50,31 +48,10 @@ from edgeagent.capture import (
 from edgeagent.capture.spool import CaptureSpool, SpoolConfig
 from edgeagent.errors import AgentError, ResourceExhaustedError
 from edgeagent.settings import AgentSettings
+from tests.harness import small_filesystem
 
 MiB = 1024 * 1024
 FS_SIZE_MB = 20
-
-
-@contextlib.contextmanager
-def small_filesystem(size_mb: int = FS_SIZE_MB) -> Iterator[Path]:
-    """A fresh tmpfs of ``size_mb`` MB, unmounted (and its folder removed) afterwards."""
-    where = short_dir("wefull-")
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (root needed): {done.stderr.strip()}")
-        try:
-            yield where
-        finally:
-            subprocess.run(["umount", "-l", str(where)], check=False)
-    finally:
-        with contextlib.suppress(OSError):
-            where.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +117,7 @@ class Senders:
 def test_full_disk_never_loses_acknowledged_captures(
     pool: Agents, model: Path, durable: bool
 ) -> None:
-    with small_filesystem() as fs:
+    with small_filesystem(FS_SIZE_MB) as fs:
         blocked = pool.base / "destination-down"
         blocked.write_text("a file where the destination folder should be: uploads fail\n")
         config = {
