@@ -43,7 +43,7 @@ from edgeagent.package import (
     load_public_key,
     sign,
 )
-from tests.harness import short_dir, toml_text
+from tests.harness import read_log, short_dir, toml_text
 from tests.localcloud import local_cloud, new_thing, start_local_cloud  # noqa: F401 - shared fixtures
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,10 +76,7 @@ class Agent:
 
     def output(self) -> str:
         """Everything the agent wrote to stdout and stderr so far."""
-        try:
-            return self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def channel(self) -> grpc.Channel:
         """A raw channel (closed with the agent), with the agent's message limits."""

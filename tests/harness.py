@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +78,24 @@ def small_filesystem(size_mb: int) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             where.rmdir()
+
+
+def read_log(path: Path) -> str:
+    """Everything a child process wrote to its log so far ("" before the file exists)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects among ``text``'s lines (a structlog JSON log), in order."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                out.append(value)
+    return out

@@ -29,6 +29,7 @@ from edgeagent.package import extract_package, load_public_key
 
 # re-exported: the capture tests import these from here
 from tests.harness import free_port as free_port
+from tests.harness import json_lines, read_log
 from tests.harness import short_dir as short_dir
 from tests.harness import toml_text as toml_text
 from tests.harness import wait_until as wait_for
@@ -74,19 +75,10 @@ class CaptureAgent:
         return self.proc.poll() is None
 
     def output(self) -> str:
-        try:
-            return self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def log_events(self) -> list[dict[str, Any]]:
-        events = []
-        for line in self.output().splitlines():
-            with contextlib.suppress(ValueError):
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    events.append(value)
-        return events
+        return json_lines(self.output())
 
     def kill(self) -> None:
         self.client.close()

@@ -34,6 +34,7 @@ from edgeapp.features import RAW_FIELDS
 
 # re-exported: the edge-app tests import these from here
 from tests.harness import free_port as free_port
+from tests.harness import json_lines, read_log
 from tests.harness import short_dir as short_dir
 from tests.harness import toml_value as toml_value
 from tests.harness import wait_until as wait_until
@@ -77,10 +78,7 @@ class Proc:
         return self.proc.poll() is None
 
     def output(self) -> str:
-        try:
-            return self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def signal(self, signum: int) -> None:
         if self.alive():
@@ -253,17 +251,8 @@ class App:
         self.proc = Proc(argv, base / f"{name}.log", env=env)
 
     def events(self, event: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.proc.output().splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if event is None or record.get("event") == event:
-                out.append(record)
-        return out
+        records = json_lines(self.proc.output())
+        return [r for r in records if event is None or r.get("event") == event]
 
     def wait_event(
         self, event: str, predicate: Callable[[dict[str, Any]], bool] = bool, timeout: float = 20

@@ -32,7 +32,7 @@ from ota_harness import LocalTls, build_archive, sha256_file
 from cloud.local import LocalCloud
 from edgeagent.package import extract_package, load_public_key
 from tests.conftest import BUNDLED, DEV_PUBLIC_KEY, Agent, StartAgent
-from tests.harness import short_dir, toml_text, wait_until
+from tests.harness import json_lines, read_log, short_dir, toml_text, wait_until
 
 OTA = [sys.executable, "-m", "ota"]
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "REMOVED"})
@@ -95,19 +95,10 @@ class OtaProcess:
         return self.proc.poll() is None
 
     def output(self) -> str:
-        try:
-            return self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.output().splitlines():
-            with contextlib.suppress(ValueError):
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    out.append(value)
-        return out
+        return json_lines(self.output())
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.alive():
