@@ -109,8 +109,12 @@ class Mosquitto:
         self.base = base
         self.port = port or free_port()
         self.conf = base / "mosquitto.conf"
+        # max_queued_messages: mosquitto drops QoS 1 messages beyond 1,000 queued per
+        # subscriber by default; the tests' bursts (3,000 messages) must not depend on
+        # how fast a subscriber on a loaded machine drains them.
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 100000\n"
         )
         self.proc: Proc | None = None
 
