@@ -42,8 +42,9 @@ class TrainConfig(BaseModel):
     """Model name in the package."""
     version: str = "1.0"
     """Package version."""
-    variant: Literal["original", "compact"] = "original"
-    """Topology: the original workshop's (17.3M multiply-adds a window) or the compact one."""
+    variant: Literal["original", "compact", "relational"] = "original"
+    """Topology: the original workshop's autoencoder (17.3M multiply-adds a window), the
+    compact autoencoder, or the relational model (each feature from the ones that determine it)."""
     seed: int = 0
     """Seeds the simulated data, the split, the initial weights and the batch order."""
     turbines: int = Field(default=24, ge=3)
