@@ -194,7 +194,9 @@ def test_the_relational_model_never_copies_a_related_sensor_through() -> None:
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 6, 10, 10), dtype=np.float32)
     base = session.run(None, {"input": x})[0]
-    seen_by = {c: set() for c in range(6)}  # output feature -> input features it reacts to
+    seen_by: dict[int, set[int]] = {
+        c: set() for c in range(6)
+    }  # output feature -> input features it reacts to
     for feature in range(6):
         changed = x.copy()
         changed[:, feature] += rng.standard_normal((2, 10, 10), dtype=np.float32)
