@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
     """Turbines held out for early stopping."""
     threshold_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     """Turbines held out (never trained or validated on) to derive the thresholds."""
+    step: int = Field(default=10, ge=1, le=10)
+    """The manifest's window step: the window is the oldest 100 of the newest ``100 + step``
+    samples. 10 (the original's) leaves the newest tick's samples out of the window; 1 brings
+    all but the newest sample in, so a fault shows a tick earlier."""
     stride_ticks: int = Field(default=4, ge=1)
     """Ticks between training windows (a tick is one window step, 0.5 s)."""
     epochs: int = Field(default=8, ge=1)

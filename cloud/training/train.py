@@ -25,6 +25,7 @@ deterministic algorithms; the batch order comes from the seed).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -90,7 +91,7 @@ def train(config: TrainConfig, paths: RunPaths) -> TrainResult:
 
     series, source = _normal_data(config, paths)
     split = _split(len(series), config)
-    base = PreprocessingParams.default()
+    base = dataclasses.replace(PreprocessingParams.default(), step=config.step)
     train_series = [series[i] for i in split["train"]]
     params = fit_statistics(train_series, base, stride_ticks=config.stride_ticks)
     windows = {

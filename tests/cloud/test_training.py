@@ -8,6 +8,7 @@ package, which the package format then verifies and the golden check runs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,7 +31,13 @@ from cloud.autoencoder import (
 )
 from cloud.training.batch import multiply_adds_of
 from cloud.training.config import ConfigError, RunPaths, TrainConfig, load_hyperparameters
-from cloud.training.data import features_of, fit_statistics, simulate_normal, tick_windows
+from cloud.training.data import (
+    features_of,
+    fit_statistics,
+    simulate_normal,
+    tick_ends,
+    tick_windows,
+)
 from cloud.training.nets import Autoencoder, RelationalNet
 from cloud.training.train import train
 from edgeagent.package import check_golden, extract_package, load_trusted_keys
@@ -131,6 +138,18 @@ def test_training_windows_are_the_device_windows() -> None:
         np.testing.assert_allclose(windows[i], reference, atol=1e-4)
 
 
+def test_ticks_are_half_a_second_whatever_the_window_step() -> None:
+    """A tick is edge-app's 0.5 s (10 samples at 20 Hz); the step only places the window."""
+    one = dataclasses.replace(PreprocessingParams.default(), step=1)
+    assert list(tick_ends(530, one)) == list(tick_ends(530, PreprocessingParams.default()))
+    assert list(tick_ends(530, one)) == [500, 510, 520, 530]
+    raw = simulate_normal(turbines=1, seconds=30, seed=5)[0]
+    windows = tick_windows([features_of(raw)], one)
+    for i, end in enumerate(tick_ends(len(raw), one)):
+        expected = prepare_windows(raw[end - 500 : end], one)
+        np.testing.assert_allclose(windows[i], expected, atol=1e-4)
+
+
 def test_fit_statistics_recomputes_from_the_data() -> None:
     raw = simulate_normal(turbines=3, seconds=60, seed=4)
     series = list(features_of(raw))
@@ -155,10 +174,14 @@ def test_multiply_adds_read_from_the_onnx_graph(trained: tuple[Path, dict[str, A
 
 
 def test_a_short_relational_run_builds_a_package_whose_onnx_equals_torch(tmp_path: Path) -> None:
-    package, record = tiny_run(tmp_path / "r", name="wind-turbine-relational", variant="relational")
+    package, record = tiny_run(
+        tmp_path / "r", name="wind-turbine-relational", variant="relational", step=1
+    )
     dest = tmp_path / "unpacked"
     manifest = extract_package(package, dest, trusted_keys=load_trusted_keys(KEYS))
     check_golden(dest, manifest)
+    # the window ends one sample before the newest (step 1), the device pipeline's parameter
+    assert PreprocessingParams.from_block(manifest.preprocessing).step == 1
     cost = multiply_adds_of(dest / "model.onnx")
     assert record["variant"]["multiply_adds_per_window"] == cost
     assert multiply_adds(LAYERS) / cost >= 3  # item 6: at least 3x cheaper
