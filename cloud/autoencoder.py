@@ -416,3 +416,18 @@ def build_relational_model(
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def variant_layout(variant: str) -> list[Any]:
+    """A variant's layers as plain JSON (the training record's ``variant.layers``)."""
+    if variant == "relational":
+        return [
+            {
+                "name": head.name,
+                "inputs": list(head.inputs),
+                "outputs": list(head.outputs),
+                "layers": [list(layer) for layer in (head.image or head.sequence)],
+            }
+            for head in RELATIONAL_HEADS
+        ]
+    return [list(layer) for layer in VARIANTS[variant]]

@@ -46,6 +46,7 @@ from cloud.autoencoder import (
     VARIANTS,
     build_autoencoder_model,
     build_relational_model,
+    variant_layout,
 )
 from cloud.training.batch import multiply_adds_of, score_windows
 from cloud.training.config import ConfigError, RunPaths, TrainConfig
@@ -213,19 +214,10 @@ def _normal_data(config: TrainConfig, paths: RunPaths) -> tuple[list[NDArray[np.
 
 def _network(config: TrainConfig) -> tuple[Autoencoder | RelationalNet, list[Any]]:
     """The variant's torch network, and its layout for the training record."""
+    layout = variant_layout(config.variant)
     if config.variant == "relational":
-        layout: list[Any] = [
-            {
-                "name": head.name,
-                "inputs": list(head.inputs),
-                "outputs": list(head.outputs),
-                "layers": [list(layer) for layer in (head.image or head.sequence)],
-            }
-            for head in RELATIONAL_HEADS
-        ]
         return RelationalNet(RELATIONAL_HEADS), layout
-    layers = VARIANTS[config.variant]
-    return Autoencoder(layers), [list(layer) for layer in layers]
+    return Autoencoder(VARIANTS[config.variant]), layout
 
 
 def _split(count: int, config: TrainConfig) -> dict[str, list[int]]:
