@@ -60,7 +60,7 @@ __all__ = [
 
 PYTHON: Final = sys.executable
 MODEL: Final = "wind-turbine"
-_VERSION_RE: Final = re.compile(rf"{MODEL}-(\d+(?:\.\d+)*)\.tar\.gz")
+_VERSION_RE: Final = re.compile(r"(\d+(?:\.\d+)*)\.tar\.gz")  # after "<model>-"
 
 
 class DemoError(RuntimeError):
@@ -153,15 +153,15 @@ class Device:
         return self.folder / "models"
 
 
-def released_packages(models_dir: Path) -> list[tuple[Path, str]]:
-    """Every released ``wind-turbine-<version>.tar.gz`` of ``models_dir``, oldest first.
+def released_packages(models_dir: Path, model: str = MODEL) -> list[tuple[Path, str]]:
+    """Every released ``<model>-<version>.tar.gz`` of ``models_dir``, oldest first.
 
     Versions as the file names give them (compared as versions: 1.10 > 1.9);
     the package's signed manifest is what a device checks when it installs it.
     """
     found = {}
-    for path in models_dir.glob(f"{MODEL}-*.tar.gz"):
-        match = _VERSION_RE.fullmatch(path.name)
+    for path in models_dir.glob(f"{model}-*.tar.gz"):
+        match = _VERSION_RE.fullmatch(path.name.removeprefix(f"{model}-"))
         if match:
             found[tuple(int(p) for p in match[1].split("."))] = (path, match[1])
     return [found[key] for key in sorted(found)]

@@ -3,8 +3,10 @@
 ``demo-deploy`` is for the local demo: it takes the next released model
 version of ``models/`` (newer than what the devices serve), uploads it to the
 demo's stand-in and creates the IoT job for every device. When no release is
-newer, it re-signs the newest release's trained model under the next major
-version (same weights and thresholds), so the update can be shown again.
+newer, it re-signs the best detector of ``models/`` (``wind-turbine-relational``,
+else the newest ``wind-turbine`` release: same weights, preprocessing and
+thresholds) under the next major version, so the update can be shown again and
+the second one visibly improves detection.
 
 ``status`` reads the updater's files (``<state_dir>``: the update in
 progress, the committed versions, the last outcomes) and asks the agent what
@@ -245,10 +247,11 @@ def _served_versions(run_dir: Path, devices: list[Path]) -> list[str]:
 
 
 def _demo_package(args: argparse.Namespace, run_dir: Path, devices: list[Path]) -> Path:
-    """The package to deploy: a release of ``models/``, or the newest one re-signed."""
+    """The package to deploy: a release of ``models/``, or the best detector re-signed."""
     from edgectl.demo import released_packages  # noqa: PLC0415 - off-device code, on demand
 
     releases = released_packages(_REPO / "models")
+    best = released_packages(_REPO / "models", model=f"{_MODEL}-relational") or releases
     if not releases:
         raise CommandError(f"no released {_MODEL} package in {_REPO / 'models'}")
     if args.version is not None:
@@ -266,7 +269,8 @@ def _demo_package(args: argparse.Namespace, run_dir: Path, devices: list[Path]) 
         if newer:
             return newer[0][0]
         version = f"{version_key(newest)[0] + 1}.0"
-    return _resign(releases[-1][0], version, args.signing_key, run_dir / "packages" / version)
+    print(f"no newer release in models/: {best[-1][0].name}'s model re-signed as {version}")
+    return _resign(best[-1][0], version, args.signing_key, run_dir / "packages" / version)
 
 
 def _resign(release: Path, version: str, signing_key: Path, work: Path) -> Path:

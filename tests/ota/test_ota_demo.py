@@ -87,9 +87,11 @@ def test_demo_deploy_updates_every_device_of_the_running_demo() -> None:
         wait_until(
             lambda: [serving(s) for s in sockets] == [newest, newest], 90, "the release everywhere"
         )
-        # no newer release: the newest one's model re-signed as the next major version
+        # no newer release: the best detector's model re-signed as the next major version
         major = f"{int(newest.split('.')[0]) + 1}.0"
-        assert f"wind-turbine-{major}.tar.gz (signed) uploaded" in demo_deploy()
+        said = demo_deploy()
+        assert f"wind-turbine-relational-1.0.tar.gz's model re-signed as {major}" in said
+        assert f"wind-turbine-{major}.tar.gz (signed) uploaded" in said
         wait_until(
             lambda: [serving(s) for s in sockets] == [major, major], 90, f"{major} everywhere"
         )
