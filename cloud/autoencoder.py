@@ -247,20 +247,20 @@ RELATIONAL_HEADS: tuple[Head, ...] = (
         inputs=(0, 1, 2, 4),
         outputs=(0, 1, 2),
         image=(
-            ("Conv", 4, 16, 2, 1, True),
+            ("Conv", 4, 8, 2, 1, True),
+            ("Conv", 8, 16, 2, 0, True),
             ("Conv", 16, 32, 2, 0, True),
-            ("Conv", 32, 64, 2, 0, True),
-            ("ConvTranspose", 64, 32, 2, 0, True),
             ("ConvTranspose", 32, 16, 2, 0, True),
-            ("ConvTranspose", 16, 3, 2, 1, False),
+            ("ConvTranspose", 16, 8, 2, 0, True),
+            ("ConvTranspose", 8, 3, 2, 1, False),
         ),
     ),
     # wind speed from what the rotor does (rotor speed, voltage): brake drag, a stuck anemometer
-    Head("wind", inputs=(4, 5), outputs=(3,), sequence=_dilated(2, 1, 24)),
+    Head("wind", inputs=(4, 5), outputs=(3,), sequence=_dilated(2, 1, 12)),
     # rotor speed from the wind and the voltage: a stuck or wild rotor-speed sensor
-    Head("rotor", inputs=(3, 5), outputs=(4,), sequence=_dilated(2, 1, 24)),
+    Head("rotor", inputs=(3, 5), outputs=(4,), sequence=_dilated(2, 1, 12)),
     # voltage from the rotor speed alone: generator degradation, a stuck or wild voltage
-    Head("voltage", inputs=(4,), outputs=(5,), sequence=_dilated(1, 1, 16)),
+    Head("voltage", inputs=(4,), outputs=(5,), sequence=_dilated(1, 1, 8)),
 )
 """The relational variant: each feature is reconstructed from the features that physically
 determine it, never from its own value when a relation exists (wind, rotor, voltage), so a

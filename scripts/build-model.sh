@@ -3,7 +3,7 @@
 #   wind-turbine-1.0          the original topology, 24 turbines x 30 simulated minutes
 #   wind-turbine-1.1          the original topology, 32 turbines x 30 min, 10 epochs (the OTA update)
 #   wind-turbine-compact-1.0  the compact variant (9.4x fewer multiply-adds), 1.1's data
-#   wind-turbine-relational-1.0  the relational variant (4.4x fewer multiply-adds; each
+#   wind-turbine-relational-1.0  the relational variant (17x fewer multiply-adds; each
 #                             feature from the ones that determine it), 300 turbines x 6 min
 # each signed with the DEVELOPMENT key in models/dev-keys/ (created if absent),
 # with its training record <name>-<version>.training.json beside it.
