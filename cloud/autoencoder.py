@@ -142,10 +142,20 @@ def build_autoencoder_model(
             nodes.append(helper.make_node("Relu", [conv_out], [out], name=f"{prefix}.relu"))
         current = out
 
+    return _window_model(nodes, initializers, "wind_turbine_autoencoder", doc)
+
+
+def _window_model(
+    nodes: Sequence[onnx.NodeProto],
+    initializers: Sequence[onnx.TensorProto],
+    name: str,
+    doc: str,
+) -> onnx.ModelProto:
+    """A checked opset-17 model from ``input`` [N, 6, 10, 10] to ``output`` of that shape."""
     io_shape: list[str | int] = ["N", CHANNELS, SIDE, SIDE]
     graph = helper.make_graph(
         nodes,
-        "wind_turbine_autoencoder",
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, io_shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, io_shape)],
         initializer=initializers,
@@ -399,23 +409,7 @@ def build_relational_model(
     nodes.append(
         helper.make_node("Reshape", ["out_seq", "image_shape"], ["output"], name="to_image")
     )
-    io_shape: list[str | int] = ["N", CHANNELS, SIDE, SIDE]
-    graph = helper.make_graph(
-        nodes,
-        "wind_turbine_relational",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, io_shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, io_shape)],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="windedge",
-        doc_string=doc,
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _window_model(nodes, inits, "wind_turbine_relational", doc)
 
 
 def variant_layout(variant: str) -> list[Any]:
