@@ -26,10 +26,13 @@ group, by one thread at a time.
   once its record is fsynced. Group commit, led by the callers: a caller that
   finds no commit running writes and fsyncs everything queued on its own
   thread; one write and one fsync serve every capture that arrived while the
-  previous fsync ran, so durability costs a few milliseconds of latency, not
-  throughput (bench/capture_durability.py), and a lone capture no thread
-  hand-off. The writer thread only seals on time and journals refusals.
-  Nothing acknowledged is ever lost, not to a crash nor to a power loss.
+  previous fsync ran, and the next commit starts as soon as one ends, led by
+  the first caller still waiting (no waiting to gather more). So durability
+  costs each capture at most two flushes of latency, a lone capture no
+  thread hand-off; what it costs in throughput depends on the disk's flush
+  latency against the rest of a call (bench/capture_durability.py, README).
+  The writer thread only seals on time and journals refusals. Nothing
+  acknowledged is ever lost, not to a crash nor to a power loss.
 - **Non-durable** (``capture_sync_ack = false``): CaptureData returns once
   the record is queued; the writer waits ``capture_commit_window_seconds``
   to gather a group. A power loss can lose at most ``capture_max_unsynced``
