@@ -364,7 +364,6 @@ def spool_config(settings: AgentSettings) -> SpoolConfig:
 class _Queued:
     capture_id: str
     line: bytes  # the rendered spool line
-    ticket: int
     # durable mode: the lock its waiting caller blocks on (None: nobody waits), and
     # what that caller is told when it is released: "" written, "lead" commit next,
     # anything else the reason it was not written
@@ -397,8 +396,6 @@ class CaptureSpool:
         self._records = 0  # queued + in segments
         self._bytes = 0  # queued lines + segment sizes
         self._pending = 0  # bytes queued, not yet written
-        self._next_ticket = 1
-        self._durable_ticket = 0
         self._write_error: OSError | None = None  # acknowledged captures wait for the disk
         self._retry_at = 0.0
         self._retry_delay = _RETRY_MIN_S
@@ -479,8 +476,7 @@ class CaptureSpool:
                 self._dropped_ids.append(request.capture_id)
                 self._cond.notify_all()
                 raise ResourceExhaustedError(reason)
-            item = _Queued(request.capture_id, line, self._next_ticket)
-            self._next_ticket += 1
+            item = _Queued(request.capture_id, line)
             self._queue.append(item)
             self._records += 1
             self._bytes += len(line)
@@ -746,8 +742,7 @@ class CaptureSpool:
                     self._cond.wait(_RETRY_MIN_S)
             if closing:
                 with self._cond:
-                    self._durable_ticket = self._next_ticket
-                    for item in self._queue:  # none unless the last write timed out
+                    for item in self._queue:  # none: the last write took them all
                         _answer(item, "the agent is stopping")
                     self._cond.notify_all()
                 return
@@ -835,7 +830,6 @@ class CaptureSpool:
                 segment.ids.extend(item.capture_id for item in chunk)
                 segment.nbytes += size
                 self._pending -= size
-                self._durable_ticket = max(self._durable_ticket, chunk[-1].ticket)
                 for item in chunk:
                     _answer(item, "")
                 self._write_error = None
@@ -884,7 +878,6 @@ class CaptureSpool:
             self._pending -= size
             for item in items:
                 _answer(item, reason)
-            self._durable_ticket = max(self._durable_ticket, *(i.ticket for i in items))
             self._count("write_failed", len(items))
             self._cond.notify_all()
         with contextlib.suppress(OSError):
