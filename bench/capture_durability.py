@@ -9,6 +9,9 @@ the spool's disk only what an S3 upload would (the status journal's fsync),
 not a Disk destination's own fsyncs on the same device. Modes alternate
 in short rounds so that a busy neighbour hits both alike; per mode: calls/s,
 p50 and p99 latency of a call, and the durable/non-durable throughput ratio.
+It prints which file system the spools are on (fsync on tmpfs is free, on a
+disk it is the durable mode's price) and, measured alone in the same run, the
+disk's latency for one capture line appended and fsynced.
 
     .venv/bin/python -m bench.capture_durability [--seconds 2] [--rounds 8]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import tempfile
@@ -38,6 +42,39 @@ RECORD = np.random.default_rng(0).standard_normal((8, 6, 10, 10), dtype=np.float
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def file_system(path: Path) -> str:
+    """``type device`` of the mount holding ``path`` (from /proc/self/mounts)."""
+    best = ("", "?", "?")
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    resolved = str(path.resolve())
+    for line in mounts:
+        device, point, kind = line.split()[:3]
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, kind, device)
+    return f"{best[1]} on {best[2]}"
+
+
+def fsync_alone(folder: Path, size: int, count: int = 200) -> tuple[float, float]:
+    """p50/p99 seconds to append ``size`` bytes and fsync, alone, in ``folder``."""
+    took = []
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        fd = os.open(Path(tmp) / "probe", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            line = b"x" * size
+            for _ in range(count):
+                began = time.perf_counter()
+                os.write(fd, line)
+                os.fsync(fd)
+                took.append(time.perf_counter() - began)
+        finally:
+            os.close(fd)
+    return pct(took, 0.5), pct(took, 0.99)
 
 
 def hammer(socket: Path, seconds: float) -> tuple[list[float], int]:
@@ -133,10 +170,18 @@ def main() -> None:
                 samples[mode].extend(latencies)
                 per_round[mode].append(len(latencies) / args.seconds)
 
+        spool_parent = sockets["durable"].parent
+        line_bytes = 54_000  # one such capture's spool line (base64 and JSON)
+        alone = fsync_alone(spool_parent, line_bytes)
+
     total_seconds = args.rounds * args.seconds
     print(
         f"CaptureData, {THREADS} threads, ~{2 * RECORD.nbytes // 1000} KB records, "
         f"{args.rounds} rounds x {args.seconds:g} s per mode"
+    )
+    print(
+        f"spools on {file_system(spool_parent)}; one {line_bytes // 1000} KB line appended "
+        f"and fsynced alone there: p50 {alone[0] * 1e3:.2f} ms, p99 {alone[1] * 1e3:.2f} ms"
     )
     print("acknowledged calls/s (range over rounds), p50/p99 latency of an acknowledged call")
     head = ("mode", "calls/s", "per round", "p50 ms", "p99 ms", "refused/s")

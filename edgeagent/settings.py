@@ -172,8 +172,10 @@ class AgentSettings(EnvOverFileSettings):
         description=(
             "Answer CaptureData only once its record is fsynced (the default): nothing "
             "acknowledged is ever lost. Group commit (one fsync serves every capture that "
-            "arrived while the previous one ran) keeps the throughput; the cost is a few "
-            "milliseconds of latency. false: answer once queued (see capture_max_unsynced)."
+            "arrived while the previous one ran) shares the flushes; the cost is a few "
+            "milliseconds of latency, and with few concurrent callers some throughput "
+            "(README: capture durability). false: answer once queued (see "
+            "capture_max_unsynced)."
         ),
     )
     capture_spool_reserve_bytes: int = Field(

@@ -26,10 +26,13 @@ group, by one thread at a time.
   once its record is fsynced. Group commit, led by the callers: a caller that
   finds no commit running writes and fsyncs everything queued on its own
   thread; one write and one fsync serve every capture that arrived while the
-  previous fsync ran, so durability costs a few milliseconds of latency, not
-  throughput (bench/capture_durability.py), and a lone capture no thread
-  hand-off. The writer thread only seals on time and journals refusals.
-  Nothing acknowledged is ever lost, not to a crash nor to a power loss.
+  previous fsync ran, and the next commit starts as soon as one ends, led by
+  the first caller still waiting (no waiting to gather more). So durability
+  costs each capture at most two flushes of latency, a lone capture no
+  thread hand-off; what it costs in throughput depends on the disk's flush
+  latency against the rest of a call (bench/capture_durability.py, README).
+  The writer thread only seals on time and journals refusals. Nothing
+  acknowledged is ever lost, not to a crash nor to a power loss.
 - **Non-durable** (``capture_sync_ack = false``): CaptureData returns once
   the record is queued; the writer waits ``capture_commit_window_seconds``
   to gather a group. A power loss can lose at most ``capture_max_unsynced``
@@ -96,6 +99,7 @@ SYNC_ACK_TIMEOUT_S = 30.0
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _RETRY_MIN_S = 0.1  # a failed write of acknowledged captures is retried after this, doubling
 _RETRY_MAX_S = 2.0
+_IOV_MAX = 1024  # buffers one writev takes (Linux)
 
 
 class SpoolLockedError(OSError):
@@ -311,6 +315,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` one after the other, as few ``writev`` calls as it takes (no
+    joined copy of a group commit's lines)."""
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        sent = os.writev(fd, views[:_IOV_MAX])
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
 # -- the spool ---------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SpoolConfig:
@@ -347,7 +364,11 @@ def spool_config(settings: AgentSettings) -> SpoolConfig:
 class _Queued:
     capture_id: str
     line: bytes  # the rendered spool line
-    ticket: int
+    # durable mode: the lock its waiting caller blocks on (None: nobody waits), and
+    # what that caller is told when it is released: "" written, "lead" commit next,
+    # anything else the reason it was not written
+    waiter: threading.Lock | None = None
+    outcome: str | None = None
 
 
 class CaptureSpool:
@@ -375,14 +396,6 @@ class CaptureSpool:
         self._records = 0  # queued + in segments
         self._bytes = 0  # queued lines + segment sizes
         self._pending = 0  # bytes queued, not yet written
-        # durable group commit: the callers a commit released, and when
-        self._released = 0
-        self._queued_at_release = 0
-        self._released_at = 0.0
-        self._commit_seconds = 0.0  # recent write + fsync time (moving average)
-        self._next_ticket = 1
-        self._durable_ticket = 0
-        self._failed: dict[int, str] = {}  # ticket -> why its (durable) capture was not written
         self._write_error: OSError | None = None  # acknowledged captures wait for the disk
         self._retry_at = 0.0
         self._retry_delay = _RETRY_MIN_S
@@ -390,10 +403,9 @@ class CaptureSpool:
         self._closing = False
         self._writer_idle = False  # waiting for work (not collecting a group)
         # one thread at a time writes segments: a durable caller leading a group
-        # commit, or the writer thread; the others wait on the condition
+        # commit, or the writer thread
         self._committing = False
         self._waiting = 0  # threads waiting on the condition for a commit to end
-        self._gathering = False  # a leader waits for the callers it released
         self._lock_fd: int | None = None
         self._writer: threading.Thread | None = None
         self._dropped_ids: deque[str] = deque(maxlen=4096)
@@ -464,67 +476,62 @@ class CaptureSpool:
                 self._dropped_ids.append(request.capture_id)
                 self._cond.notify_all()
                 raise ResourceExhaustedError(reason)
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._queue.append(_Queued(request.capture_id, line, ticket))
+            item = _Queued(request.capture_id, line)
+            self._queue.append(item)
             self._records += 1
             self._bytes += len(line)
             self._pending += len(line)
             self._count("accepted")
-            if cfg.sync_ack:
-                if self._gathering:
-                    self._cond.notify_all()  # the leader waits for this one
-            elif self._writer_idle or len(self._queue) >= cfg.max_unsynced // 2:
-                self._cond.notify_all()  # otherwise the writer is already collecting a group
             if not cfg.sync_ack:
+                if self._writer_idle or len(self._queue) >= cfg.max_unsynced // 2:
+                    self._cond.notify_all()  # otherwise the writer is already collecting a group
                 return
-        self._commit_as_caller(ticket)
+            lead = not self._committing
+            if lead:
+                self._committing = True
+            else:  # a commit runs: this capture goes into the next one
+                waiter = item.waiter = threading.Lock()
+                waiter.acquire()
+        outcome = "lead" if lead else self._wait_for_commit(item, waiter)
+        if outcome == "lead":
+            self._lead_commit()
+            outcome = item.outcome or ""
+        if outcome:
+            raise ResourceExhaustedError(outcome)
 
-    def _commit_as_caller(self, ticket: int) -> None:
-        """Durable: return once ``ticket`` is fsynced; lead the commit when none runs.
+    def _wait_for_commit(self, item: _Queued, waiter: threading.Lock) -> str:
+        """Durable, a commit running: block until ``item`` is written, failed, or leads.
 
-        Group commit led by the callers themselves: a caller that finds no
-        commit running writes and fsyncs everything queued on its own thread,
-        including what others queued meanwhile; callers arriving during that
-        fsync wait, and the first of them to see it end leads the next group.
-        A lone caller thus costs no thread hand-off at all: no writer wake-up
-        to commit it, no wake-up of the caller to answer it (each hand-off is
-        a context switch and a turn of the GIL, taken from the connection
-        threads that run small Predicts inline).
+        Group commit led by the callers themselves. A caller that finds no
+        commit running writes and fsyncs everything queued on its own thread
+        (a lone caller costs no thread hand-off at all). A caller that finds
+        one running waits here, on a lock of its own: the commit that ends next
+        either wrote it (answer at once), or, when it was queued during that
+        commit's fsync, hands the next commit to it (then it writes and fsyncs
+        everything queued meanwhile, its own record with the others). So a
+        capture waits for at most the fsync running when it arrived and its
+        own, the next fsync starts as soon as the previous ends, and each
+        waiting caller is woken exactly once: no condition broadcast, no
+        thread woken only to find it must wait again (on a 2-core machine
+        those wake-ups were the durable mode's main cost, more than fsync).
         """
-        deadline = time.monotonic() + SYNC_ACK_TIMEOUT_S
+        if waiter.acquire(timeout=SYNC_ACK_TIMEOUT_S):
+            return item.outcome or ""
         with self._cond:
-            while self._durable_ticket < ticket:
-                if not self._committing:
-                    self._committing = True
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ResourceExhaustedError(
-                        f"capture not on disk after {SYNC_ACK_TIMEOUT_S:.0f} s "
-                        "(the disk is too slow)"
-                    )
-                self._waiting += 1
-                try:
-                    self._cond.wait(left)
-                finally:
-                    self._waiting -= 1
-            else:
-                failure = self._failed.pop(ticket, None)
-                if failure is not None:
-                    raise ResourceExhaustedError(failure)
-                return
-            self._gather_returning()
+            if item.outcome is not None:  # released as the time ran out
+                return item.outcome
+            item.waiter = None  # written later all the same; nobody waits for it
+            if not self._committing:  # a commit handed to nobody: the writer takes it
+                self._cond.notify_all()
+        return f"capture not on disk after {SYNC_ACK_TIMEOUT_S:.0f} s (the disk is too slow)"
+
+    def _lead_commit(self) -> None:
         try:
             self._write_queued()
         except OSError as exc:  # those not written were failed; their callers learn why
             log.error("capture spool write failed", error=str(exc))
         finally:
             self._end_commit()
-        with self._cond:
-            failure = self._failed.pop(ticket, None)
-        if failure is not None:
-            raise ResourceExhaustedError(failure)
 
     def _begin_commit(self) -> None:
         """Wait until no commit runs, then own the segments (the condition is held)."""
@@ -537,10 +544,20 @@ class CaptureSpool:
         self._committing = True
 
     def _end_commit(self) -> None:
+        """Give the segments to the next writer: a thread waiting for them (the
+        writer thread: sealing, flush, close), else the first durable caller
+        still waiting in the queue (it leads the next group commit)."""
         with self._cond:
-            self._committing = False
-            if self._waiting:
-                self._cond.notify_all()
+            following = None
+            if not self._waiting:
+                following = next((i for i in self._queue if i.waiter is not None), None)
+            if following is None:
+                self._committing = False
+                if self._waiting or (self._queue and self._config.sync_ack):
+                    self._cond.notify_all()
+                return
+            # the commit passes straight to that caller: _committing stays True
+            _answer(following, "lead")
 
     def _refusal(self, size: int) -> str | None:
         """Why a capture of ``size`` spool bytes cannot be accepted now (None: it can)."""
@@ -725,40 +742,21 @@ class CaptureSpool:
                     self._cond.wait(_RETRY_MIN_S)
             if closing:
                 with self._cond:
-                    self._durable_ticket = self._next_ticket
+                    for item in self._queue:  # none: the last write took them all
+                        _answer(item, "the agent is stopping")
                     self._cond.notify_all()
                 return
 
-    def _gather_returning(self) -> None:
-        """Durable group commit: let the callers the last commit released join this one.
-
-        Callers that arrived during an fsync are committed together by the next
-        one. Without this wait, the callers just released come back while that
-        next fsync runs and form a second group: two groups taking turns, each
-        paying a whole fsync. So, shortly after a commit, the leader waits for as
-        many captures as the last commit released (plus those already queued), for at most
-        one fsync's time (capped by the commit window): a group that would
-        otherwise wait a whole fsync for its turn waits at most that long, and
-        a lone caller, or one that comes back later, does not wait at all.
-        """
-        target = self._queued_at_release + self._released
-        limit = min(self._config.commit_window, self._commit_seconds)
-        deadline = self._released_at + limit
-        self._gathering = True
-        try:
-            while (
-                len(self._queue) < target
-                and not self._closing
-                and not self._flush_requested
-                and (left := deadline - time.monotonic()) > 0
-            ):
-                self._cond.wait(left)
-        finally:
-            self._gathering = False
-
     def _work_due(self) -> bool:
+        # durable: the callers commit; what is queued with no commit running belongs
+        # to callers that stopped waiting (timed out), and the writer writes it
+        sync_ack = self._config.sync_ack
         return bool(
-            (self._queue and not self._config.sync_ack and time.monotonic() >= self._retry_at)
+            (
+                self._queue
+                and (not sync_ack or not self._committing)
+                and time.monotonic() >= self._retry_at
+            )
             or self._closing
             or self._flush_requested
             or self._dropped_ids
@@ -817,9 +815,9 @@ class CaptureSpool:
                 segment = self._ensure_open()
                 room = max(1, self._config.batch_size - len(segment.ids))
                 chunk = items[pos : pos + room]
-                data = b"".join(item.line for item in chunk)
-                started = time.monotonic()
-                self._append(segment, data)
+                lines = [item.line for item in chunk]
+                size = sum(map(len, lines))
+                self._append(segment, lines)
             except OSError as exc:
                 self._not_written(items[pos:], exc, give_up=last_attempt)
                 raise
@@ -830,20 +828,14 @@ class CaptureSpool:
                     if self._writer_idle:  # a caller wrote: the writer's seal timer starts
                         self._cond.notify_all()
                 segment.ids.extend(item.capture_id for item in chunk)
-                segment.nbytes += len(data)
-                self._pending -= len(data)
-                self._durable_ticket = max(self._durable_ticket, chunk[-1].ticket)
+                segment.nbytes += size
+                self._pending -= size
+                for item in chunk:
+                    _answer(item, "")
                 self._write_error = None
                 self._retry_delay = _RETRY_MIN_S
                 self._counts["written"] = self._counts.get("written", 0) + len(chunk)
                 self._counts["commits"] = self._counts.get("commits", 0) + 1
-                now = time.monotonic()
-                self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * (now - started)
-                self._released = pos  # written in this round so far
-                self._queued_at_release = len(self._queue)
-                self._released_at = now
-                if self._waiting:
-                    self._cond.notify_all()
             if len(segment.ids) >= self._config.batch_size:
                 try:
                     # open the next segment now when captures will need it: more
@@ -885,8 +877,7 @@ class CaptureSpool:
             self._bytes -= size
             self._pending -= size
             for item in items:
-                self._failed[item.ticket] = reason
-            self._durable_ticket = max(self._durable_ticket, *(i.ticket for i in items))
+                _answer(item, reason)
             self._count("write_failed", len(items))
             self._cond.notify_all()
         with contextlib.suppress(OSError):
@@ -942,15 +933,15 @@ class CaptureSpool:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return Segment(seq=seq, path=path, opened_mono=time.monotonic()), fd
 
-    def _append(self, segment: Segment, data: bytes) -> None:
+    def _append(self, segment: Segment, lines: list[bytes]) -> None:
         fd = self._open_fd
         if fd is None:
             raise OSError(errno.EBADF, "no open capture segment")
-        if not data:
+        if not lines:
             return
         before = segment.nbytes
         try:
-            _write_all(fd, data)
+            _writev_all(fd, lines)
             os.fsync(fd)
         except OSError:
             # take back a partial write so later lines start clean
@@ -1004,6 +995,14 @@ class CaptureSpool:
         rejected = sorted(self.rejected_dir.iterdir())
         for path in rejected[: max(0, len(rejected) - keep)]:
             path.unlink(missing_ok=True)
+
+
+def _answer(item: _Queued, outcome: str) -> None:
+    """Tell a queued capture's caller ``outcome``, and wake it if it waits."""
+    item.outcome = outcome
+    waiter, item.waiter = item.waiter, None
+    if waiter is not None:
+        waiter.release()
 
 
 # -- the lock ------------------------------------------------------------------------------
