@@ -66,6 +66,7 @@ import structlog
 
 __all__ = [
     "BrokerConfig",
+    "BatchHandler",
     "MessageHandler",
     "MqttClient",
     "MqttProtocolError",
@@ -78,6 +79,8 @@ log = structlog.get_logger("edgeapp.mqtt")
 
 MessageHandler = Callable[[str, bytes, float], None]
 """``(topic, payload, monotonic arrival time)`` of a received message."""
+BatchHandler = Callable[[list[str], list[bytes], float], None]
+"""``(topics, payloads, monotonic arrival time)`` of the messages of one socket read."""
 OversizedHandler = Callable[[str, int, float], None]
 """``(topic, size in bytes, arrival)`` of a received packet that was skipped."""
 
@@ -237,6 +240,7 @@ class MqttClient:
         subscription: str | None = None,
         qos: int = 0,
         on_message: MessageHandler | None = None,
+        on_batch: BatchHandler | None = None,
         on_oversized: OversizedHandler | None = None,
         max_packet_bytes: int = 1024 * 1024,
         status_topic: str | None = None,
@@ -245,8 +249,8 @@ class MqttClient:
     ) -> None:
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
-        if subscription is not None and on_message is None:
-            raise ValueError("a subscription needs on_message")
+        if subscription is not None and on_message is None and on_batch is None:
+            raise ValueError("a subscription needs on_message or on_batch")
         if not 1 <= max_queued <= MAX_QUEUED:
             raise ValueError(f"max_queued must be within 1..{MAX_QUEUED}")
         self.broker = broker
@@ -257,6 +261,7 @@ class MqttClient:
         self.status_topic = status_topic
         self.max_queued = max_queued
         self._on_message = on_message
+        self._on_batch = on_batch
         self._on_oversized = on_oversized
         self._hooks: list[Callable[[MqttClient], None]] = []
         self._clock = clock
@@ -593,13 +598,45 @@ class MqttClient:
                 del buffer[: self._packets(sock, buffer, last_received)]
 
     def _packets(self, sock: socket.socket, buf: bytearray, arrival: float) -> int:
-        """Handle every complete packet at the start of ``buf``; returns the bytes consumed."""
+        """Handle every complete packet at the start of ``buf``; returns the bytes consumed.
+
+        With ``on_batch``, the PUBLISH packets' messages go to it together once the
+        complete packets are cut (in order; other packets are handled as they come)."""
+        if self._on_batch is None:
+            return self._cut(sock, buf, arrival, None, None)
+        topics: list[str] = []
+        payloads: list[bytes] = []
+        try:
+            return self._cut(sock, buf, arrival, topics, payloads)
+        finally:
+            if topics:
+                self._deliver(self._on_batch, topics, payloads, arrival)
+
+    def _deliver(
+        self, handler: BatchHandler, topics: list[str], payloads: list[bytes], arrival: float
+    ) -> None:
+        try:
+            handler(topics, payloads, arrival)
+        except Exception:  # a bug in the handler must not end the stream
+            self.handler_errors += 1
+            if self.handler_errors <= 10 or self.handler_errors % 10000 == 0:
+                log.exception("message handler failed", errors=self.handler_errors)
+
+    def _cut(
+        self,
+        sock: socket.socket,
+        buf: bytearray,
+        arrival: float,
+        topics: list[str] | None,
+        payloads: list[bytes] | None,
+    ) -> int:
         on_message = self._on_message
         size = len(buf)
+        data = bytes(buf)  # one copy: its slices are the payloads, no copy each
         pos = 0
         while pos + 2 <= size:
-            header = buf[pos]
-            length = buf[pos + 1]
+            header = data[pos]
+            length = data[pos + 1]
             at = pos + 2
             if length & 0x80:  # remaining length: 1 to 4 bytes, 7 bits each
                 length &= 0x7F
@@ -607,7 +644,7 @@ class MqttClient:
                 while True:
                     if at >= size:
                         return pos  # incomplete header
-                    byte = buf[at]
+                    byte = data[at]
                     length |= (byte & 0x7F) << shift
                     at += 1
                     if not byte & 0x80:
@@ -619,7 +656,7 @@ class MqttClient:
             kind = header >> 4
             if kind == _PUBLISH:
                 if length > self.max_packet_bytes:
-                    self._oversized(buf, at, length, arrival)
+                    self._oversized(data, at, length, arrival)
                     if end > size:
                         self._skip = end - size
                         return size
@@ -627,19 +664,22 @@ class MqttClient:
                     continue
                 if end > size:
                     return pos
-                topic_end = at + 2 + ((buf[at] << 8) | buf[at + 1]) if length >= 2 else end + 1
+                topic_end = at + 2 + ((data[at] << 8) | data[at + 1]) if length >= 2 else end + 1
                 if topic_end > end:
                     raise MqttProtocolError("PUBLISH topic longer than its packet")
-                topic = buf[at + 2 : topic_end].decode("utf-8", "replace")
+                topic = data[at + 2 : topic_end].decode("utf-8", "replace")
                 start = topic_end
                 if header & 0x06:  # QoS 1: a packet id follows the topic
                     with self._sock_lock:
-                        sock.sendall(b"\x40\x02" + bytes(buf[topic_end : topic_end + 2]))
+                        sock.sendall(b"\x40\x02" + data[topic_end : topic_end + 2])
                     start += 2
                 self.received += 1
-                if on_message is not None:
+                if topics is not None and payloads is not None:
+                    topics.append(topic)
+                    payloads.append(data[start:end])
+                elif on_message is not None:
                     try:
-                        on_message(topic, bytes(buf[start:end]), arrival)
+                        on_message(topic, data[start:end], arrival)
                     except Exception:  # a bug in the handler must not end the stream
                         self.handler_errors += 1
                         if self.handler_errors <= 10 or self.handler_errors % 10000 == 0:
@@ -649,23 +689,23 @@ class MqttClient:
                     return pos
                 if kind == _PUBACK and length == 2:
                     with self._sock_lock:
-                        if self._unacked.pop((buf[at] << 8) | buf[at + 1], None) is not None:
+                        if self._unacked.pop((data[at] << 8) | data[at + 1], None) is not None:
                             self.acked += 1
                 elif kind == _SUBACK:
-                    self._suback(buf[at:end])
+                    self._suback(data[at:end])
                 elif kind != _PINGRESP:
                     raise MqttProtocolError(f"unexpected packet type {kind} from the broker")
             pos = end
         return pos
 
-    def _suback(self, body: bytearray) -> None:
+    def _suback(self, body: bytes) -> None:
         granted = body[2:]
         if not granted or granted[0] == 0x80:
             raise MqttProtocolError(f"the broker refused the subscription to {self.subscription!r}")
         self._subscribed.set()
         log.info("subscribed", client=self.client_id, topic=self.subscription, qos=granted[0])
 
-    def _oversized(self, buf: bytearray, at: int, length: int, arrival: float) -> None:
+    def _oversized(self, buf: bytes, at: int, length: int, arrival: float) -> None:
         topic = "<unknown>"
         if at + 2 <= len(buf):
             topic_end = at + 2 + ((buf[at] << 8) | buf[at + 1])

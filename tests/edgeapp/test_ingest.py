@@ -311,3 +311,136 @@ def test_a_fixed_allow_list_keeps_its_slots_and_refusals_are_counted_by_reason()
     assert buffers.ids == ["f1", "f2"]
     send(ingestor, "f1", SAMPLE, at=1000.0)
     assert ingestor.drops.counts == {DropReason.UNKNOWN_TURBINE: 1, DropReason.BAD_TOPIC: 1}
+
+
+# ---- the batch path (``on_messages``, what the MQTT source calls) against the
+# general one (``on_message`` per message): the same samples, values, counters.
+
+FINITE = st.floats(min_value=-2.0, max_value=2.0) | st.floats(allow_nan=False, width=32)
+
+
+@st.composite
+def sample_bodies(draw: st.DrawFn) -> object:
+    sample: dict[str, object] = {f: draw(FINITE) for f in RAW_FIELDS}
+    change = draw(st.sampled_from(["none", "none", "alias", "both", "missing", "extra", "bad"]))
+    if change == "alias":
+        sample["wind speed rps"] = sample.pop("wind_speed_rps")
+    elif change == "both":
+        sample["wind speed rps"] = 1.0
+    elif change == "missing":
+        del sample[draw(st.sampled_from(RAW_FIELDS))]
+    elif change == "extra":
+        sample["temp"] = 1
+    elif change == "bad":
+        sample[draw(st.sampled_from(RAW_FIELDS))] = draw(
+            st.sampled_from([True, None, "1", [1], 10**400, 1e308, math.inf, math.nan, 7])
+        )
+    ts = draw(
+        st.sampled_from(["absent", "absent", None, -1, 0, 1.5, 1e14, 1e14 + 1, math.nan, "now"])
+        | st.integers(min_value=0, max_value=2**60)
+    )
+    if ts != "absent":
+        sample["ts"] = ts
+    return sample
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["sample"] * 6 + ["samples", "junk", "spaced", "big"]))
+    if kind == "junk":
+        return draw(st.binary(max_size=40))
+    if kind == "samples":
+        return json.dumps({"samples": draw(st.lists(sample_bodies(), max_size=12))}).encode()
+    body = json.dumps(draw(sample_bodies()), separators=(",", ":") if kind != "spaced" else None)
+    return body.encode() + (b" " * 5000 if kind == "big" else b"")
+
+
+BATCHES = st.lists(
+    st.tuples(
+        st.lists(
+            st.tuples(st.sampled_from(["a", "b", "c", "d", "bad id"]), payloads()), max_size=25
+        ),
+        st.sampled_from([0.05, 0.05, 0.05, 20.0]),  # seconds since the last read
+        st.booleans(),  # evict silent turbines after it
+    ),
+    max_size=8,
+)
+
+
+def ingest_both(batches: list[tuple[list[tuple[str, bytes]], float, bool]]) -> list[Ingestor]:
+    one, many = (make(max_turbines=3, capacity=8) for _ in range(2))
+    at = 1.0
+    for messages, gap, evict in batches:
+        at += gap
+        for turbine, payload in messages:
+            one.on_message(topic(turbine), payload, at)
+        many.on_messages([topic(t) for t, _p in messages], [p for _t, p in messages], at)
+        if evict:
+            for ingestor in (one, many):
+                ingestor.buffers.evict_idle(at, 10.0)
+    return [one, many]
+
+
+def assert_same(one: Ingestor, many: Ingestor) -> None:
+    assert (many.messages, many.samples) == (one.messages, one.samples)
+    assert many.drops.counts == one.drops.counts
+    assert many.buffers.slot_ids() == one.buffers.slot_ids()
+    np.testing.assert_array_equal(many.buffers.state()[0], one.buffers.state()[0])
+    np.testing.assert_array_equal(many.buffers.state()[1], one.buffers.state()[1])
+    slots = np.arange(len(one.buffers.slot_ids()))
+    for ingestor in (one, many):  # compare the rings as the tick reads them
+        ingestor.gathered = ingestor.buffers.gather(slots, 8)  # type: ignore[attr-defined]
+    a, b = one.gathered, many.gathered  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(b.features, a.features)  # bit for bit
+    np.testing.assert_array_equal(b.ts, a.ts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=BATCHES)
+def test_a_batch_of_messages_is_buffered_exactly_as_one_at_a_time(
+    batches: list[tuple[list[tuple[str, bytes]], float, bool]],
+) -> None:
+    assert_same(*ingest_both(batches))
+
+
+def test_the_batch_path_takes_a_farms_stream_bit_for_bit() -> None:
+    rng = np.random.default_rng(5)
+    quats = rng.normal(size=(400, 4))
+    quats[:300] /= np.linalg.norm(quats[:300], axis=1, keepdims=True)
+    quats[300:] = np.clip(quats[300:], -1.5, 1.5)  # non-unit ones reach the asin clip
+    rows = np.concatenate([quats, rng.normal(2.0, 1.0, size=(400, 3))], axis=1)
+    batches = []
+    for k in range(0, 400, 40):  # 40 messages per read, each turbine several times
+        messages = []
+        for i in range(k, k + 40):
+            sample = dict(zip(RAW_FIELDS, rows[i].tolist(), strict=True))
+            messages.append(("abc"[i % 3], json.dumps({"ts": 1000 + i, **sample}).encode()))
+        batches.append((messages, 0.05, False))
+    one, many = ingest_both(batches)
+    assert one.samples == many.samples == 400 and many.drops.counts == {}
+    assert_same(one, many)
+
+
+@pytest.mark.parametrize("when", ["after the slots were looked up", "just before b asks"])
+def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_cache(
+    when: str,
+) -> None:
+    ingestor = make(max_turbines=1, capacity=8)
+    body = json.dumps(SAMPLE).encode()
+    ingestor.on_messages([topic("a")] * 2, [body] * 2, 1.0)  # a's topic is cached now
+    buffers = ingestor.buffers
+    # the tick thread frees a's slot during a read in which "b" comes first and takes it
+    target: Any = ingestor if when.startswith("after") else buffers
+    name = "_accept" if when.startswith("after") else "can_add"
+    original = getattr(target, name)
+
+    def evict_first(*args: Any) -> Any:
+        buffers.evict_idle(100.0, 10.0)
+        return original(*args)
+
+    setattr(target, name, evict_first)
+    ingestor.on_messages([topic("b"), topic("a")], [body, body], 100.0)
+    assert buffers.ids == ["b"]
+    counts, _arrival = buffers.state()
+    assert counts.tolist() == [1]  # b's sample only: a's went nowhere
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 1}

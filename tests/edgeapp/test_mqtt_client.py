@@ -22,11 +22,18 @@ class Inbox:
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, float]] = []
         self.oversized: list[tuple[str, int]] = []
+        self.batches = 0
         self.lock = threading.Lock()
 
     def on_message(self, topic: str, payload: bytes, arrival: float) -> None:
         with self.lock:
             self.messages.append((topic, bytes(payload), arrival))
+
+    def on_batch(self, topics: list[str], payloads: list[bytes], arrival: float) -> None:
+        with self.lock:
+            self.batches += 1
+        for topic, payload in zip(topics, payloads, strict=True):
+            self.on_message(topic, payload, arrival)
 
     def on_oversized(self, topic: str, size: int, _arrival: float) -> None:
         with self.lock:
@@ -71,10 +78,13 @@ def subscriber(port: int, inbox: Inbox, **kw: object) -> MqttClient:
     return sub
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one by one", "per read"])
 @pytest.mark.parametrize("qos", [0, 1])
-def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int) -> None:
+def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int, batched: bool) -> None:
     inbox = Inbox()
-    sub = subscriber(broker.port, inbox, qos=qos)
+    sub = subscriber(
+        broker.port, inbox, qos=qos, **({"on_batch": inbox.on_batch} if batched else {})
+    )
     pub = publisher(broker.port)
     try:
         assert sub.wait_subscribed(10)
@@ -92,6 +102,8 @@ def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int) -> None
         }
         if qos:  # every QoS 1 message acknowledged: the broker has nothing left in flight
             assert sub.connected
+        if batched:  # the reads of a stream carry many messages each
+            assert 0 < inbox.batches < len(expected)
     finally:
         pub.disconnect()
         pub.loop_stop()
