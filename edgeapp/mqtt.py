@@ -50,6 +50,7 @@ past (never buffered) and reported to ``on_oversized``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import select
 import socket
@@ -153,13 +154,18 @@ _CONNACK_CODES = {
 
 def _remaining_length(n: int) -> bytes:
     if n < 128:
-        return bytes((n,))
+        return _SHORT_LENGTHS[n]
+    if n < 16384:
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
         out.append(byte | 0x80 if n else byte)
         if not n:
             return bytes(out)
+
+
+_SHORT_LENGTHS = [bytes((n,)) for n in range(128)]
 
 
 def _utf8(text: str) -> bytes:
@@ -201,19 +207,20 @@ def publish_packet(
 ) -> bytes:
     """A PUBLISH packet: QoS 0, or QoS 1 with ``packet_id`` (DUP clear: ``_DUP`` is or-ed
     into byte 0 for a resend)."""
-    name = topic.encode()
+    name = _topic_name(topic)
     if packet_id is None:
-        header, ident = (b"\x31" if retain else b"\x30"), b""
-    else:
-        header, ident = (b"\x33" if retain else b"\x32"), struct.pack("!H", packet_id)
-    return (
-        header
-        + _remaining_length(2 + len(name) + len(ident) + len(payload))
-        + struct.pack("!H", len(name))
-        + name
-        + ident
-        + payload
-    )
+        header = b"\x31" if retain else b"\x30"
+        return b"".join((header, _remaining_length(len(name) + len(payload)), name, payload))
+    header = b"\x33" if retain else b"\x32"
+    length = _remaining_length(len(name) + 2 + len(payload))
+    return b"".join((header, length, name, packet_id.to_bytes(2, "big"), payload))
+
+
+@functools.lru_cache(maxsize=65536)
+def _topic_name(topic: str) -> bytes:
+    """A topic as a PUBLISH packet spells it (length, UTF-8): the daemon publishes to the
+    same few topics per turbine again and again."""
+    return _utf8(topic)
 
 
 _DUP = 0x08

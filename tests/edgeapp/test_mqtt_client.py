@@ -13,7 +13,7 @@ import pytest
 from edgeapp_harness import Mosquitto, free_port, short_dir, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeapp.mqtt import BrokerConfig, MqttClient
+from edgeapp.mqtt import BrokerConfig, MqttClient, publish_packet
 
 TOPIC = "wind-turbine/+/raw-data"
 
@@ -279,3 +279,24 @@ def test_publishing_without_a_broker_is_counted_and_hooks_run_on_every_connectio
         client.stop()
         shutil.rmtree(base, ignore_errors=True)
         del tmp_path
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 127, 128, 16383, 16384, 2_097_151, 2_097_152])
+@pytest.mark.parametrize(("retain", "packet_id"), [(False, None), (True, None), (False, 258)])
+def test_publish_packets_are_encoded_as_mqtt_3_1_1_says(
+    size: int, retain: bool, packet_id: int | None
+) -> None:
+    topic = "wind-turbine/t\u00e9/anomalies"
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    name = topic.encode()
+    ident = b"" if packet_id is None else packet_id.to_bytes(2, "big")
+    body = len(name).to_bytes(2, "big") + name + ident + payload
+    length, n = bytearray(), len(body)  # the spec's algorithm (section 2.2.3)
+    while True:
+        n, byte = divmod(n, 128)
+        length.append(byte | 0x80 if n else byte)
+        if not n:
+            break
+    header = 0x30 | (0x02 if packet_id is not None else 0) | (0x01 if retain else 0)
+    expected = bytes((header,)) + bytes(length) + body
+    assert publish_packet(topic, payload, retain=retain, packet_id=packet_id) == expected
