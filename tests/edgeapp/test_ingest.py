@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.features import FEATURES, RAW_FIELDS, raw_to_features
+from edgeapp.features import FEATURES, N_RAW, RAW_FIELDS, raw_to_features, sample_to_features
 from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.sources import TopicPattern
 
@@ -444,3 +444,24 @@ def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_c
     counts, _arrival = buffers.state()
     assert counts.tolist() == [1]  # b's sample only: a's went nowhere
     assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 1}
+
+
+def test_gather_copies_each_rings_newest_samples_oldest_first() -> None:
+    buffers = TurbineBuffers(max_turbines=6, capacity=10, gap_reset_s=10.0)
+    rows = np.random.default_rng(2).normal(size=(6, 27, N_RAW)) * 0.5
+    for slot in range(6):  # 5 + slot * 4 samples each: rings wrapped or not, anywhere
+        buffers.add(f"t{slot}")
+        for k in range(5 + slot * 4):
+            buffers.append(slot, rows[slot, k].tolist(), 1.0 + k * 0.05)
+    for n in (1, 4, 5, 10):
+        slots = np.array([5, 0, 3, 1])
+        gathered = buffers.gather(slots, n)
+        for k, slot in enumerate(slots.tolist()):
+            count = 5 + slot * 4
+            newest = [features_row(rows[slot, i]) for i in range(count - n, count) if i >= 0]
+            if count >= n:  # a slot with fewer gets older ring content in front
+                np.testing.assert_array_equal(gathered.features[k], np.array(newest))
+
+
+def features_row(row: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.array(sample_to_features(row.tolist()), dtype=np.float32)
