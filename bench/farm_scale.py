@@ -560,7 +560,7 @@ def run_farm(
             pct(totals, 50), pct(totals, 99), max(totals),
         )  # fmt: skip
         result.full_ticks = sum(1 for t in ticks if t["verdicts"] >= n)
-        for stage in ("gather", "prepare", "infer", "wait", "score", "publish"):
+        for stage in ("gather", "prepare", "infer", "wait", "score", "publish", "publish_wait"):
             result.stages[stage] = float(np.mean([t.get(f"{stage}_ms", 0.0) for t in ticks]))
         span = epoch(ticks[-1]) - epoch(ticks[0])
         inner = ticks[1:]
