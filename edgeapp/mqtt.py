@@ -80,8 +80,9 @@ log = structlog.get_logger("edgeapp.mqtt")
 
 MessageHandler = Callable[[str, bytes, float], None]
 """``(topic, payload, monotonic arrival time)`` of a received message."""
-BatchHandler = Callable[[list[str], list[bytes], float], None]
-"""``(topics, payloads, monotonic arrival time)`` of the messages of one socket read."""
+BatchHandler = Callable[[list[bytes], list[bytes], float], None]
+"""``(topics, payloads, monotonic arrival time)`` of the messages of one socket read; the
+topics as the packets spell them (UTF-8, not decoded)."""
 OversizedHandler = Callable[[str, int, float], None]
 """``(topic, size in bytes, arrival)`` of a received packet that was skipped."""
 
@@ -609,18 +610,18 @@ class MqttClient:
 
         With ``on_batch``, the PUBLISH packets' messages go to it together once the
         complete packets are cut (in order; other packets are handled as they come)."""
-        if self._on_batch is None:
-            return self._cut(sock, buf, arrival, None, None)
-        topics: list[str] = []
-        payloads: list[bytes] = []
+        batch = self._on_batch
+        if batch is None:
+            return self._cut(sock, buf, arrival, None)
+        messages: tuple[list[bytes], list[bytes]] = ([], [])
         try:
-            return self._cut(sock, buf, arrival, topics, payloads)
+            return self._cut(sock, buf, arrival, messages)
         finally:
-            if topics:
-                self._deliver(self._on_batch, topics, payloads, arrival)
+            if messages[0]:
+                self._deliver(batch, *messages, arrival)
 
     def _deliver(
-        self, handler: BatchHandler, topics: list[str], payloads: list[bytes], arrival: float
+        self, handler: BatchHandler, topics: list[bytes], payloads: list[bytes], arrival: float
     ) -> None:
         try:
             handler(topics, payloads, arrival)
@@ -634,10 +635,13 @@ class MqttClient:
         sock: socket.socket,
         buf: bytearray,
         arrival: float,
-        topics: list[str] | None,
-        payloads: list[bytes] | None,
+        messages: tuple[list[bytes], list[bytes]] | None,
     ) -> int:
+        """The packets of ``buf``: messages appended to ``messages`` (topics, payloads) when
+        given, else handed to ``on_message`` one by one."""
         on_message = self._on_message
+        add_topic, add_payload = (None, None) if messages is None else (m.append for m in messages)
+        max_packet = self.max_packet_bytes
         size = len(buf)
         data = bytes(buf)  # one copy: its slices are the payloads, no copy each
         pos = 0
@@ -660,50 +664,58 @@ class MqttClient:
                     if shift > 21:
                         raise MqttProtocolError("malformed remaining length")
             end = at + length
-            kind = header >> 4
-            if kind == _PUBLISH:
-                if length > self.max_packet_bytes:
-                    self._oversized(data, at, length, arrival)
-                    if end > size:
-                        self._skip = end - size
-                        return size
-                    pos = end
-                    continue
+            if header >> 4 != _PUBLISH:
                 if end > size:
                     return pos
-                topic_end = at + 2 + ((data[at] << 8) | data[at + 1]) if length >= 2 else end + 1
-                if topic_end > end:
-                    raise MqttProtocolError("PUBLISH topic longer than its packet")
-                topic = data[at + 2 : topic_end].decode("utf-8", "replace")
-                start = topic_end
-                if header & 0x06:  # QoS 1: a packet id follows the topic
-                    with self._sock_lock:
-                        sock.sendall(b"\x40\x02" + data[topic_end : topic_end + 2])
-                    start += 2
-                self.received += 1
-                if topics is not None and payloads is not None:
-                    topics.append(topic)
-                    payloads.append(data[start:end])
-                elif on_message is not None:
-                    try:
-                        on_message(topic, data[start:end], arrival)
-                    except Exception:  # a bug in the handler must not end the stream
-                        self.handler_errors += 1
-                        if self.handler_errors <= 10 or self.handler_errors % 10000 == 0:
-                            log.exception("message handler failed", errors=self.handler_errors)
-            else:
+                self._control(header >> 4, data[at:end])
+                pos = end
+                continue
+            if length > max_packet:
+                self._oversized(data, at, length, arrival)
                 if end > size:
-                    return pos
-                if kind == _PUBACK and length == 2:
-                    with self._sock_lock:
-                        if self._unacked.pop((data[at] << 8) | data[at + 1], None) is not None:
-                            self.acked += 1
-                elif kind == _SUBACK:
-                    self._suback(data[at:end])
-                elif kind != _PINGRESP:
-                    raise MqttProtocolError(f"unexpected packet type {kind} from the broker")
+                    self._skip = end - size
+                    return size
+                pos = end
+                continue
+            if end > size:
+                return pos
+            start = at + 2 + ((data[at] << 8) | data[at + 1]) if length >= 2 else end + 1
+            if start > end:
+                raise MqttProtocolError("PUBLISH topic longer than its packet")
+            topic = data[at + 2 : start]
+            if header & 0x06:  # QoS 1: a packet id follows the topic
+                with self._sock_lock:
+                    sock.sendall(b"\x40\x02" + data[start : start + 2])
+                start += 2
+            self.received += 1
+            if add_topic is not None and add_payload is not None:
+                add_topic(topic)
+                add_payload(data[start:end])
+            elif on_message is not None:
+                self._handle(on_message, topic, data[start:end], arrival)
             pos = end
         return pos
+
+    def _handle(
+        self, handler: MessageHandler, topic: bytes, payload: bytes, arrival: float
+    ) -> None:
+        try:
+            handler(topic.decode("utf-8", "replace"), payload, arrival)
+        except Exception:  # a bug in the handler must not end the stream
+            self.handler_errors += 1
+            if self.handler_errors <= 10 or self.handler_errors % 10000 == 0:
+                log.exception("message handler failed", errors=self.handler_errors)
+
+    def _control(self, kind: int, body: bytes) -> None:
+        """A packet other than PUBLISH."""
+        if kind == _PUBACK and len(body) == 2:
+            with self._sock_lock:
+                if self._unacked.pop((body[0] << 8) | body[1], None) is not None:
+                    self.acked += 1
+        elif kind == _SUBACK:
+            self._suback(body)
+        elif kind != _PINGRESP:
+            raise MqttProtocolError(f"unexpected packet type {kind} from the broker")
 
     def _suback(self, body: bytes) -> None:
         granted = body[2:]

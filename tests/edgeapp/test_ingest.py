@@ -374,7 +374,7 @@ def ingest_both(batches: list[tuple[list[tuple[str, bytes]], float, bool]]) -> l
         at += gap
         for turbine, payload in messages:
             one.on_message(topic(turbine), payload, at)
-        many.on_messages([topic(t) for t, _p in messages], [p for _t, p in messages], at)
+        many.on_messages([topic(t).encode() for t, _p in messages], [p for _t, p in messages], at)
         if evict:
             for ingestor in (one, many):
                 ingestor.buffers.evict_idle(at, 10.0)
@@ -427,7 +427,7 @@ def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_c
 ) -> None:
     ingestor = make(max_turbines=1, capacity=8)
     body = json.dumps(SAMPLE).encode()
-    ingestor.on_messages([topic("a")] * 2, [body] * 2, 1.0)  # a's topic is cached now
+    ingestor.on_messages([topic("a").encode()] * 2, [body] * 2, 1.0)  # a's topic is cached now
     buffers = ingestor.buffers
     # the tick thread frees a's slot during a read in which "b" comes first and takes it
     target: Any = ingestor if when.startswith("after") else buffers
@@ -439,7 +439,7 @@ def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_c
         return original(*args)
 
     setattr(target, name, evict_first)
-    ingestor.on_messages([topic("b"), topic("a")], [body, body], 100.0)
+    ingestor.on_messages([topic("b").encode(), topic("a").encode()], [body, body], 100.0)
     assert buffers.ids == ["b"]
     counts, _arrival = buffers.state()
     assert counts.tolist() == [1]  # b's sample only: a's went nowhere

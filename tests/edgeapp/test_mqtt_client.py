@@ -29,11 +29,11 @@ class Inbox:
         with self.lock:
             self.messages.append((topic, bytes(payload), arrival))
 
-    def on_batch(self, topics: list[str], payloads: list[bytes], arrival: float) -> None:
+    def on_batch(self, topics: list[bytes], payloads: list[bytes], arrival: float) -> None:
         with self.lock:
             self.batches += 1
         for topic, payload in zip(topics, payloads, strict=True):
-            self.on_message(topic, payload, arrival)
+            self.on_message(topic.decode(), payload, arrival)
 
     def on_oversized(self, topic: str, size: int, _arrival: float) -> None:
         with self.lock:
