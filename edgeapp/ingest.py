@@ -225,10 +225,13 @@ class Ingestor:
                 None if len(p) > self.max_payload_bytes else s
                 for p, s in zip(payloads, samples, strict=True)
             ]
-        candidates = [
-            i for i, (slot, sample) in enumerate(zip(slots, samples, strict=True))
-            if slot is not None and sample is not None
-        ]  # fmt: skip
+        if None in slots or None in samples:
+            candidates = [
+                i for i, (slot, sample) in enumerate(zip(slots, samples, strict=True))
+                if slot is not None and sample is not None
+            ]  # fmt: skip
+        else:  # the stream: known turbines, every message decoded
+            candidates = list(range(count))
         fast = np.zeros(count, dtype=np.bool_)
         raw = np.empty((count, N_RAW))
         ts = np.empty(count)
