@@ -2,7 +2,7 @@
 
 ``predict_batch`` verifies and unpacks a package, prepares every turbine's
 recording tick by tick with the device's pipeline (``buffer`` samples per
-verdict, a verdict every ``step`` samples), runs the model with ONNX Runtime
+verdict, a verdict every tick of ``TICK_SAMPLES`` samples), runs the model with ONNX Runtime
 in this process and writes one CSV row per scored window: the turbine, the
 sample index (and ``ts`` when the recording has one) ending its buffer, the
 six scores and the three fault groups. The same numbers the device would

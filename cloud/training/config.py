@@ -42,8 +42,9 @@ class TrainConfig(BaseModel):
     """Model name in the package."""
     version: str = "1.0"
     """Package version."""
-    variant: Literal["original", "compact"] = "original"
-    """Topology: the original workshop's (17.3M multiply-adds a window) or the compact one."""
+    variant: Literal["original", "compact", "relational"] = "original"
+    """Topology: the original workshop's autoencoder (17.3M multiply-adds a window), the
+    compact autoencoder, or the relational model (each feature from the ones that determine it)."""
     seed: int = 0
     """Seeds the simulated data, the split, the initial weights and the batch order."""
     turbines: int = Field(default=24, ge=3)
@@ -54,6 +55,10 @@ class TrainConfig(BaseModel):
     """Turbines held out for early stopping."""
     threshold_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     """Turbines held out (never trained or validated on) to derive the thresholds."""
+    step: int = Field(default=10, ge=1, le=10)
+    """The manifest's window step: the window is the oldest 100 of the newest ``100 + step``
+    samples. 10 (the original's) leaves the newest tick's samples out of the window; 1 brings
+    all but the newest sample in, so a fault shows a tick earlier."""
     stride_ticks: int = Field(default=4, ge=1)
     """Ticks between training windows (a tick is one window step, 0.5 s)."""
     epochs: int = Field(default=8, ge=1)

@@ -8,9 +8,10 @@ detection daemon's buffers), and at each tick position the newest
 model is trained on the very windows it will be asked to reconstruct, edge
 effects of the wavelet included.
 
-Windows are taken every ``stride_ticks`` ticks (a tick is ``step`` samples,
-0.5 s at 20 Hz): neighbouring ticks share 90% of their samples, so training
-on every tick costs ten times the time for little new information.
+Windows are taken every ``stride_ticks`` ticks (a tick is ``TICK_SAMPLES``
+samples, edge-app's 0.5 s tick at the sensors' 20 Hz): neighbouring ticks
+share 90% of their samples, so training on every tick costs ten times the
+time for little new information.
 Thresholds and the false-positive check use every tick.
 
 The preprocessing constants are recomputed from the training turbines:
@@ -26,7 +27,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,7 +50,14 @@ __all__ = [
     "tick_windows",
     "tick_ends",
     "with_thresholds",
+    "TICK_SAMPLES",
 ]
+
+TICK_SAMPLES: Final = 10
+"""Samples between two ticks: edge-app's ``tick_period_s`` (0.5 s) at the sensors' 20 Hz.
+
+Not the manifest's ``step``, which only places the window in the buffer (a
+model may use step 1 to bring the newest samples into its window)."""
 
 _CHUNK = 256  # buffers prepared at once
 _ALIASES = {"wind speed rps": "wind_speed_rps"}
@@ -92,7 +100,7 @@ def features_of(raw: NDArray[np.float64]) -> NDArray[np.float32]:
 
 def tick_ends(n: int, params: PreprocessingParams, stride_ticks: int = 1) -> NDArray[np.intp]:
     """Sample indices (exclusive ends) of the buffers scored at every ``stride_ticks`` tick."""
-    return np.arange(params.buffer, n + 1, params.step * stride_ticks, dtype=np.intp)
+    return np.arange(params.buffer, n + 1, TICK_SAMPLES * stride_ticks, dtype=np.intp)
 
 
 def _buffers(features: NDArray[np.float32], ends: NDArray[np.intp], n: int) -> Iterator[Any]:

@@ -5,7 +5,7 @@ temporary folder), extracts and verifies a package, loads it, and builds
 edge-app's own ``TurbineBuffers``, ``ModelFollower`` and ``Detector`` in this
 process, with a sink that records the verdicts instead of publishing them
 over MQTT. ``score_stream`` then feeds simulated samples into the buffers one
-tick's worth (``step`` samples, 0.5 s at 20 Hz) at a time and runs one
+tick's worth (``TICK_SAMPLES`` = 10 samples, 0.5 s at 20 Hz) at a time and runs one
 detector tick after each: the buffers, the feature pipeline, the batched
 ``Predict`` over the socket, the scoring and the fault groups are the
 device's code, unchanged. Only time is simulated (a tick runs as soon as its
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from cloud.training.data import tick_ends
 from edgeagent.client import AgentClient
 from edgeagent.package import Manifest, extract_package, load_trusted_keys
 from edgeapp.buffers import TurbineBuffers
@@ -99,7 +100,7 @@ class DevicePath:
             buffers=buffers, follower=self.follower, sink=sink, max_batch=max_batch,
             dashboard_period_s=1e9,
         )  # fmt: skip
-        ends = np.arange(params.buffer, n + 1, params.step, dtype=np.intp)
+        ends = tick_ends(n, params)
         scores = np.full((turbines, len(ends), N_FEATURES), np.nan)
         flags = np.zeros((turbines, len(ends), len(GROUPS)), dtype=bool)
         infer_ms = 0.0

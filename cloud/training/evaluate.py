@@ -9,7 +9,7 @@ edge-app's detector), tick by tick.
 
 Definitions (the numbers in the report):
 
-- a tick is one detector run (every ``step`` = 10 samples, 0.5 s); the fault
+- a tick is one detector run (every 10 samples, 0.5 s); the fault
   starts at a tick boundary, so "tick k after onset" is the k-th tick whose
   buffer holds faulted samples;
 - a fault is *detected* on a turbine when a tick within the fault's deadline

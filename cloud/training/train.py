@@ -6,8 +6,9 @@
    threshold sets, so the thresholds come from turbines the model never saw.
 3. Preprocessing constants from the training turbines (``data.fit_statistics``),
    windows prepared by the device's own pipeline.
-4. The autoencoder (``variant``'s layer table) trained with Adam on the MSE of
-   the normalised windows; the weights of the best validation epoch are kept;
+4. The network (``variant``: an autoencoder's layer table, or the relational
+   heads) trained with Adam on the MSE of the normalised windows; the weights
+   of the best validation epoch are kept;
    training stops after ``patience`` epochs without improvement.
 5. The weights go into the ONNX graph of ``cloud.autoencoder`` (dynamic batch,
    opset 17); ONNX Runtime scores the threshold turbines at every tick exactly
@@ -24,6 +25,7 @@ deterministic algorithms; the batch order comes from the seed).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,8 +41,14 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from cloud.autoencoder import VARIANTS, build_autoencoder_model, multiply_adds
-from cloud.training.batch import score_windows
+from cloud.autoencoder import (
+    RELATIONAL_HEADS,
+    VARIANTS,
+    build_autoencoder_model,
+    build_relational_model,
+    variant_layout,
+)
+from cloud.training.batch import multiply_adds_of, score_windows
 from cloud.training.config import ConfigError, RunPaths, TrainConfig
 from cloud.training.data import (
     features_of,
@@ -50,7 +58,7 @@ from cloud.training.data import (
     tick_windows,
     with_thresholds,
 )
-from cloud.training.nets import Autoencoder
+from cloud.training.nets import Autoencoder, RelationalNet
 from edgeagent.package import build_package, load_private_key
 from edgeapp.features import PreprocessingParams
 
@@ -84,7 +92,7 @@ def train(config: TrainConfig, paths: RunPaths) -> TrainResult:
 
     series, source = _normal_data(config, paths)
     split = _split(len(series), config)
-    base = PreprocessingParams.default()
+    base = dataclasses.replace(PreprocessingParams.default(), step=config.step)
     train_series = [series[i] for i in split["train"]]
     params = fit_statistics(train_series, base, stride_ticks=config.stride_ticks)
     windows = {
@@ -104,15 +112,19 @@ def train(config: TrainConfig, paths: RunPaths) -> TrainResult:
         seconds=round(prepared_s, 1),
     )
 
-    layers = VARIANTS[config.variant]
-    net = Autoencoder(layers)
+    net, layout = _network(config)
     history = _fit(net, windows["train"], windows["validation"], config)
     weights = net.export_weights()
-    model = build_autoencoder_model(
-        layers=layers,
-        weights=weights,
-        doc=f"wind turbine convolutional autoencoder ({config.variant}), trained by windedge",
-    )
+    if isinstance(net, RelationalNet):
+        model = build_relational_model(
+            weights=weights, doc="wind turbine relational model, trained by windedge"
+        )
+    else:
+        model = build_autoencoder_model(
+            layers=VARIANTS[config.variant],
+            weights=weights,
+            doc=f"wind turbine convolutional autoencoder ({config.variant}), trained by windedge",
+        )
     trained_s = time.monotonic() - started - prepared_s
 
     paths.out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +136,7 @@ def train(config: TrainConfig, paths: RunPaths) -> TrainResult:
         thresholds = thresholds * config.threshold_margin
         params = with_thresholds(params, [float(t) for t in thresholds])
         golden = _golden(windows["threshold"])
+        cost = multiply_adds_of(onnx_path)
         package = build_package(
             model_path=onnx_path,
             name=config.name,
@@ -148,8 +161,8 @@ def train(config: TrainConfig, paths: RunPaths) -> TrainResult:
             ),
         },
         "variant": {
-            "layers": [list(layer) for layer in layers],
-            "multiply_adds_per_window": multiply_adds(layers),
+            "layers": layout,
+            "multiply_adds_per_window": cost,
             "parameters": int(sum(p.numel() for p in net.parameters())),
         },
         "history": history,
@@ -199,6 +212,14 @@ def _normal_data(config: TrainConfig, paths: RunPaths) -> tuple[list[NDArray[np.
     return list(features_of(raw)), "simulated"
 
 
+def _network(config: TrainConfig) -> tuple[Autoencoder | RelationalNet, list[Any]]:
+    """The variant's torch network, and its layout for the training record."""
+    layout = variant_layout(config.variant)
+    if config.variant == "relational":
+        return RelationalNet(RELATIONAL_HEADS), layout
+    return Autoencoder(VARIANTS[config.variant]), layout
+
+
 def _split(count: int, config: TrainConfig) -> dict[str, list[int]]:
     """Turbine indices of the training, validation and threshold sets (seeded, disjoint)."""
     order = np.random.default_rng(config.seed).permutation(count)
@@ -218,7 +239,7 @@ def _flat(windows: NDArray[np.float32]) -> torch.Tensor:
 
 
 def _fit(
-    net: Autoencoder,
+    net: Autoencoder | RelationalNet,
     train_windows: NDArray[np.float32],
     validation_windows: NDArray[np.float32],
     config: TrainConfig,
@@ -269,7 +290,7 @@ def _fit(
     return history
 
 
-def _loss(net: Autoencoder, windows: torch.Tensor) -> float:
+def _loss(net: Autoencoder | RelationalNet, windows: torch.Tensor) -> float:
     net.eval()
     total = 0.0
     with torch.no_grad():

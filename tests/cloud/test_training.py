@@ -8,6 +8,7 @@ package, which the package format then verifies and the golden check runs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,11 +21,24 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cloud.autoencoder import COMPACT_LAYERS, LAYERS, multiply_adds
+from cloud.autoencoder import (
+    COMPACT_LAYERS,
+    LAYERS,
+    RELATIONAL_HEADS,
+    Head,
+    build_relational_model,
+    multiply_adds,
+)
 from cloud.training.batch import multiply_adds_of
 from cloud.training.config import ConfigError, RunPaths, TrainConfig, load_hyperparameters
-from cloud.training.data import features_of, fit_statistics, simulate_normal, tick_windows
-from cloud.training.nets import Autoencoder
+from cloud.training.data import (
+    features_of,
+    fit_statistics,
+    simulate_normal,
+    tick_ends,
+    tick_windows,
+)
+from cloud.training.nets import Autoencoder, RelationalNet
 from cloud.training.train import train
 from edgeagent.package import check_golden, extract_package, load_trusted_keys
 from edgeapp.features import FEATURES, RAW_FIELDS, PreprocessingParams, prepare_windows
@@ -124,6 +138,18 @@ def test_training_windows_are_the_device_windows() -> None:
         np.testing.assert_allclose(windows[i], reference, atol=1e-4)
 
 
+def test_ticks_are_half_a_second_whatever_the_window_step() -> None:
+    """A tick is edge-app's 0.5 s (10 samples at 20 Hz); the step only places the window."""
+    one = dataclasses.replace(PreprocessingParams.default(), step=1)
+    assert list(tick_ends(530, one)) == list(tick_ends(530, PreprocessingParams.default()))
+    assert list(tick_ends(530, one)) == [500, 510, 520, 530]
+    raw = simulate_normal(turbines=1, seconds=30, seed=5)[0]
+    windows = tick_windows([features_of(raw)], one)
+    for i, end in enumerate(tick_ends(len(raw), one)):
+        expected = prepare_windows(raw[end - 500 : end], one)
+        np.testing.assert_allclose(windows[i], expected, atol=1e-4)
+
+
 def test_fit_statistics_recomputes_from_the_data() -> None:
     raw = simulate_normal(turbines=3, seconds=60, seed=4)
     series = list(features_of(raw))
@@ -142,6 +168,90 @@ def test_cost_of_both_variants() -> None:
 
 def test_multiply_adds_read_from_the_onnx_graph(trained: tuple[Path, dict[str, Any], Path]) -> None:
     assert multiply_adds_of(trained[2] / "model.onnx") == multiply_adds(LAYERS)
+
+
+# --- the relational variant ------------------------------------------------------------
+
+
+def test_a_short_relational_run_builds_a_package_whose_onnx_equals_torch(tmp_path: Path) -> None:
+    package, record = tiny_run(
+        tmp_path / "r", name="wind-turbine-relational", variant="relational", step=1
+    )
+    dest = tmp_path / "unpacked"
+    manifest = extract_package(package, dest, trusted_keys=load_trusted_keys(KEYS))
+    check_golden(dest, manifest)
+    # the window ends one sample before the newest (step 1), the device pipeline's parameter
+    assert PreprocessingParams.from_block(manifest.preprocessing).step == 1
+    cost = multiply_adds_of(dest / "model.onnx")
+    assert record["variant"]["multiply_adds_per_window"] == cost
+    assert multiply_adds(LAYERS) / cost >= 3  # item 6: at least 3x cheaper
+    assert [h["name"] for h in record["variant"]["layers"]] == [h.name for h in RELATIONAL_HEADS]
+    # the graph holds the trained weights: torch with them computes what ONNX Runtime does
+    from onnx import load, numpy_helper
+
+    weights = {
+        t.name: numpy_helper.to_array(t) for t in load(str(dest / "model.onnx")).graph.initializer
+    }
+    net = RelationalNet(RELATIONAL_HEADS)
+    for names, part in zip(net.names, net.convs, strict=True):
+        for name, layer in zip(names, part, strict=True):
+            assert isinstance(layer, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+            layer.weight.data = torch.from_numpy(weights[f"{name}.weight"].copy())
+            assert layer.bias is not None
+            layer.bias.data = torch.from_numpy(weights[f"{name}.bias"].copy())
+    x = np.random.default_rng(2).standard_normal((4, 6, 10, 10), dtype=np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_relational_model_never_copies_a_related_sensor_through() -> None:
+    """A voltage that disagrees with the rotor speed cannot reconstruct itself: the voltage
+    output depends on the rotor speed only, the rotor speed's on wind and voltage, the
+    wind's on rotor speed and voltage; the vibration features on themselves and rotor speed."""
+    session = ort.InferenceSession(
+        build_relational_model(seed=3).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 10, 10), dtype=np.float32)
+    base = session.run(None, {"input": x})[0]
+    seen_by: dict[int, set[int]] = {
+        c: set() for c in range(6)
+    }  # output feature -> input features it reacts to
+    for feature in range(6):
+        changed = x.copy()
+        changed[:, feature] += rng.standard_normal((2, 10, 10), dtype=np.float32)
+        out = session.run(None, {"input": changed})[0]
+        for c in range(6):
+            if not np.allclose(out[:, c], base[:, c], atol=1e-6):
+                seen_by[c].add(feature)
+    assert seen_by == {
+        0: {0, 1, 2, 4},
+        1: {0, 1, 2, 4},
+        2: {0, 1, 2, 4},
+        3: {4, 5},
+        4: {3, 5},
+        5: {4},
+    }
+
+
+@pytest.mark.parametrize(
+    ("heads", "message"),
+    [
+        (RELATIONAL_HEADS[:-1], "exactly once"),
+        (
+            (*RELATIONAL_HEADS[:-1], Head("voltage", (4, 3), (5,), RELATIONAL_HEADS[-1].sequence)),
+            "layers map 1 -> 1",
+        ),
+    ],
+)
+def test_relational_heads_that_do_not_fit_are_refused(
+    heads: tuple[Head, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_relational_model(heads=heads)
 
 
 # --- SageMaker script mode -------------------------------------------------------------
