@@ -231,20 +231,29 @@ class TurbineBuffers:
                 if not len(slots):
                     return written
             # messages grouped by slot, in arrival order within each group
+            count = len(slots)
             order = np.argsort(slots, kind="stable")
             grouped = slots[order]
-            starts = np.flatnonzero(np.diff(grouped, prepend=-1))
-            sizes = np.diff(starts, append=len(grouped))
+            first = np.empty(count, dtype=np.bool_)
+            first[0] = True
+            np.not_equal(grouped[1:], grouped[:-1], out=first[1:])
+            starts = np.flatnonzero(first)
+            if len(starts) == count:  # each slot once (the stream): no ranks to work out
+                self._append_distinct(slots, features, arrival, ts)
+                return written
+            sizes = np.empty(len(starts), dtype=np.intp)
+            sizes[:-1] = starts[1:] - starts[:-1]
+            sizes[-1] = count - starts[-1]
             unique = grouped[starts]
-            rank = np.empty(len(slots), dtype=np.intp)
-            rank[order] = np.arange(len(slots)) - np.repeat(starts, sizes)
+            rank = np.empty(count, dtype=np.intp)
+            rank[order] = np.arange(count) - np.repeat(starts, sizes)
             # a turbine silent for gap_reset_s starts over (only its first sample here can)
             restart = arrival - self._arrival[unique] > self.gap_reset_s
             if restart.any():
                 self._count[unique[restart]] = 0
             index = (self._write[slots] + rank) % self.capacity
             if sizes.max() > self.capacity:  # keep each slot's newest: no index twice
-                size_of = np.empty(len(slots), dtype=np.intp)
+                size_of = np.empty(count, dtype=np.intp)
                 size_of[order] = np.repeat(sizes, sizes)
                 newest = rank >= size_of - self.capacity
                 self.data[slots[newest], index[newest]] = features[newest]
@@ -255,6 +264,26 @@ class TurbineBuffers:
             self._arrival[unique] = arrival
             self._ts[unique] = ts[order[starts + sizes - 1]]
         return written
+
+    def _append_distinct(
+        self,
+        slots: NDArray[np.intp],
+        features: NDArray[np.float32],
+        arrival: float,
+        ts: NDArray[np.float64],
+    ) -> None:
+        """``append_many`` for slots that are all different (under the lock)."""
+        restart = arrival - self._arrival[slots] > self.gap_reset_s
+        if restart.any():
+            self._count[slots[restart]] = 0
+        index = self._write[slots]
+        self.data[slots, index] = features
+        index += 1
+        index[index == self.capacity] = 0
+        self._write[slots] = index
+        self._count[slots] += 1
+        self._arrival[slots] = arrival
+        self._ts[slots] = ts
 
     def extend(
         self,

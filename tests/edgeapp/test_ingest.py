@@ -367,8 +367,10 @@ BATCHES = st.lists(
 )
 
 
-def ingest_both(batches: list[tuple[list[tuple[str, bytes]], float, bool]]) -> list[Ingestor]:
-    one, many = (make(max_turbines=3, capacity=8) for _ in range(2))
+def ingest_both(
+    batches: list[tuple[list[tuple[str, bytes]], float, bool]], max_turbines: int = 3
+) -> list[Ingestor]:
+    one, many = (make(max_turbines=max_turbines, capacity=8) for _ in range(2))
     at = 1.0
     for messages, gap, evict in batches:
         at += gap
@@ -403,20 +405,21 @@ def test_a_batch_of_messages_is_buffered_exactly_as_one_at_a_time(
     assert_same(*ingest_both(batches))
 
 
-def test_the_batch_path_takes_a_farms_stream_bit_for_bit() -> None:
+@pytest.mark.parametrize("turbines", [3, 40], ids=["each several times a read", "each once"])
+def test_the_batch_path_takes_a_farms_stream_bit_for_bit(turbines: int) -> None:
     rng = np.random.default_rng(5)
     quats = rng.normal(size=(400, 4))
     quats[:300] /= np.linalg.norm(quats[:300], axis=1, keepdims=True)
     quats[300:] = np.clip(quats[300:], -1.5, 1.5)  # non-unit ones reach the asin clip
     rows = np.concatenate([quats, rng.normal(2.0, 1.0, size=(400, 3))], axis=1)
     batches = []
-    for k in range(0, 400, 40):  # 40 messages per read, each turbine several times
+    for k in range(0, 400, 40):  # 40 messages per read
         messages = []
         for i in range(k, k + 40):
             sample = dict(zip(RAW_FIELDS, rows[i].tolist(), strict=True))
-            messages.append(("abc"[i % 3], json.dumps({"ts": 1000 + i, **sample}).encode()))
-        batches.append((messages, 0.05, False))
-    one, many = ingest_both(batches)
+            messages.append((f"t{i % turbines}", json.dumps({"ts": 1000 + i, **sample}).encode()))
+        batches.append((messages, 20.0 if k == 200 else 0.05, False))  # and one gap
+    one, many = ingest_both(batches, max_turbines=turbines)
     assert one.samples == many.samples == 400 and many.drops.counts == {}
     assert_same(one, many)
 
@@ -427,7 +430,7 @@ def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_c
 ) -> None:
     ingestor = make(max_turbines=1, capacity=8)
     body = json.dumps(SAMPLE).encode()
-    ingestor.on_messages([topic("a").encode()] * 2, [body] * 2, 1.0)  # a's topic is cached now
+    ingestor.on_messages([topic("a").encode()] * 8, [body] * 8, 1.0)  # a's topic is cached now
     buffers = ingestor.buffers
     # the tick thread frees a's slot during a read in which "b" comes first and takes it
     target: Any = ingestor if when.startswith("after") else buffers
@@ -439,11 +442,12 @@ def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_c
         return original(*args)
 
     setattr(target, name, evict_first)
-    ingestor.on_messages([topic("b").encode(), topic("a").encode()], [body, body], 100.0)
+    names = [topic("b").encode()] + [topic("a").encode()] * 7  # a read's worth
+    ingestor.on_messages(names, [body] * 8, 100.0)
     assert buffers.ids == ["b"]
     counts, _arrival = buffers.state()
     assert counts.tolist() == [1]  # b's sample only: a's went nowhere
-    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 1}
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 7}
 
 
 def test_gather_copies_each_rings_newest_samples_oldest_first() -> None:
