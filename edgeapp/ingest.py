@@ -217,11 +217,7 @@ class Ingestor:
             for name, payload in zip(topics, payloads, strict=True):
                 self._general(name, payload, arrival)
             return
-        evicted = self.buffers.evicted
-        if evicted != self._evicted:  # slots were freed: forget them
-            self._evicted = evicted
-            self._slot_of_topic.clear()
-            self._slot_of_name.clear()
+        evicted = self._forget_freed_slots()
         slots = list(map(self._slot_of_name.get, topics))
         try:
             samples: list[_Sample | None] = list(map(_decode_sample, payloads))
@@ -282,6 +278,16 @@ class Ingestor:
             begin = i + 1
         run(begin, count)
 
+    def _forget_freed_slots(self) -> int:
+        """Empty both slot caches when the buffers evicted turbines since they were filled;
+        returns the eviction count they are valid for."""
+        evicted = self.buffers.evicted
+        if evicted != self._evicted:
+            self._evicted = evicted
+            self._slot_of_topic.clear()
+            self._slot_of_name.clear()
+        return evicted
+
     def _general(self, name: bytes, payload: bytes, arrival: float) -> None:
         """A message of a batch through the general path; its slot is remembered."""
         topic = name.decode("utf-8", "replace")
@@ -328,9 +334,7 @@ class Ingestor:
         if len(payload) > self.max_payload_bytes:
             self.drops.add(DropReason.OVERSIZED, topic, arrival)
             return
-        if self.buffers.evicted != self._evicted:  # slots were freed: forget them
-            self._evicted = self.buffers.evicted
-            self._slot_of_topic.clear()
+        self._forget_freed_slots()
         slot = self._slot_of_topic.get(topic)
         turbine = None
         if slot is None:

@@ -469,3 +469,18 @@ def test_gather_copies_each_rings_newest_samples_oldest_first() -> None:
 
 def features_row(row: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.array(sample_to_features(row.tolist()), dtype=np.float32)
+
+
+def test_an_eviction_seen_first_by_a_small_read_empties_the_batch_paths_cache_too() -> None:
+    ingestor = make(max_turbines=2, capacity=8)
+    body = json.dumps(SAMPLE).encode()
+    a, b, c = (topic(t).encode() for t in "abc")
+    ingestor.on_messages([a, b] * 4, [body] * 8, 1.0)  # both cached by the batch path
+    ingestor.on_messages([b] * 8, [body] * 8, 50.0)
+    assert ingestor.buffers.evict_idle(60.0, 30.0) == ["a"]
+    ingestor.on_messages([c], [body], 60.0)  # a small read: c takes a's slot
+    ingestor.on_messages([a] * 8, [body] * 8, 60.1)  # a is back: no room, not c's slot
+    counts, _arrival = ingestor.buffers.state()
+    assert ingestor.buffers.slot_ids() == ["c", "b"]
+    assert counts.tolist() == [1, 8]  # b restarted after its 49 s gap
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 8}
