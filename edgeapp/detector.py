@@ -13,11 +13,17 @@ At each tick (``tick_period_s``, 2 Hz by default) the detector
 
 Inference runs on ``max_inflight`` worker threads (2 by default): the agent
 works on chunks k and k+1 at once (its sessions run requests concurrently, one
-core each) while this thread prepares the next chunk and publishes the one
+core each) while this thread prepares the next chunk and scores the one
 before. On a 2-core device at 1,000 turbines the agent's share of a tick then
 fits the 500 ms period, which one chunk at a time does not (the model costs
-~0.4 ms per window on one core here: 1,000 windows in a row are 0.4 s). After
-every Predict the worker asks the agent which package served it: a chunk
+~0.4 ms per window on one core here: 1,000 windows in a row are 0.4 s).
+
+The sink's calls run on one more thread, in order: building thousands of
+payloads and writing them to a busy broker overlaps the preparation instead
+of following it. The tick ends when they are done, so all of a tick's
+verdicts are with the sink when ``tick`` returns.
+
+After every Predict the worker asks the agent which package served it: a chunk
 scored by a package other than the one whose preprocessing prepared it (a hot
 swap mid-tick) is discarded, and the next tick reads the new manifest.
 
@@ -107,7 +113,8 @@ class TickReport:
     error: str | None = None
     ms: dict[str, float] = field(default_factory=dict)
     """Milliseconds per stage: gather, prepare, infer (in the agent), wait, score,
-    publish, total."""
+    publish (on the publishing thread, overlapping the others), publish_wait (this
+    thread waiting for it at the end), total."""
 
     def add_ms(self, stage: str, seconds: float) -> None:
         self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1000.0
@@ -166,6 +173,7 @@ class Detector:
         self._worker = ThreadPoolExecutor(
             max_workers=max_inflight, thread_name_prefix="edgeapp-predict"
         )
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeapp-publish")
         self._scored = np.full(buffers.max_turbines, -math.inf)
         self._next_dashboard = -math.inf
         self._label: str | None = None
@@ -180,8 +188,9 @@ class Detector:
         self.verdicts = 0
 
     def close(self) -> None:
-        """Finish queued capture calls and join the worker thread."""
+        """Finish queued capture calls and join the worker threads."""
         self._worker.shutdown(wait=True, cancel_futures=True)
+        self._publisher.shutdown(wait=True)
 
     # ---- the tick
 
@@ -215,6 +224,7 @@ class Detector:
         client = self.follower.client
         ids = self.buffers.slot_ids()
         pending: deque[tuple[_Chunk, Future[_Inference]]] = deque()
+        published: list[Future[float]] = []
         try:
             for begin in range(0, len(ready), per_chunk):
                 if self._stopping():
@@ -227,14 +237,19 @@ class Detector:
                 report.chunks += 1
                 # keep max_inflight Predicts running and one more chunk queued behind them
                 while len(pending) > self.max_inflight:
-                    self._finish(model, *pending.popleft(), report)
+                    published.append(self._finish(model, *pending.popleft(), report))
             while pending:
-                self._finish(model, *pending.popleft(), report)
+                published.append(self._finish(model, *pending.popleft(), report))
         except _TickAbortedError:
             pass
         finally:
             while pending:  # aborted with Predicts in flight: let them end
                 self._drain(pending.popleft()[1], report)
+            started = self._clock()
+            try:
+                report.add_ms("publish", sum(f.result() for f in published))
+            finally:
+                report.add_ms("publish_wait", self._clock() - started)
 
     def _prepare(
         self,
@@ -307,7 +322,9 @@ class Detector:
         chunk: _Chunk,
         future: Future[_Inference],
         report: TickReport,
-    ) -> None:
+    ) -> Future[float]:
+        """Score a chunk once its Predict is back and hand its verdicts to the publishing
+        thread; the future gives the seconds the sink took."""
         inference = self._wait(future, report)
         report.add_ms("infer", inference.seconds)
         if inference.url != model.url:
@@ -337,16 +354,21 @@ class Detector:
             thresholds=model.params.thresholds,
             anomalies=scores.groups,
         )
-        scored_at = self._clock()
-        report.add_ms("score", scored_at - started)
-        self.sink.verdicts(batch)
-        if chunk.means is not None:
-            self.sink.dashboard(chunk.turbines, batch.ts_ms, chunk.means)
-        report.add_ms("publish", self._clock() - scored_at)
+        published = self._publisher.submit(self._publish, batch, chunk.means)
+        report.add_ms("score", self._clock() - started)
         self._scored[chunk.slots] = chunk.arrival
         report.verdicts += len(chunk.slots)
         if self.capture_fraction > 0.0:
             self._capture(model, chunk, windows, output)
+        return published
+
+    def _publish(self, batch: VerdictBatch, means: NDArray[np.float64] | None) -> float:
+        """On the publishing thread: the chunk's verdicts (and dashboard figures) to the sink."""
+        started = self._clock()
+        self.sink.verdicts(batch)
+        if means is not None:
+            self.sink.dashboard(batch.turbines, batch.ts_ms, means)
+        return self._clock() - started
 
     def _wait(self, future: Future[_Inference], report: TickReport) -> _Inference:
         """The worker's result; stop-aware: a stop request closes the channel after a grace."""

@@ -61,6 +61,7 @@ __all__ = [
     "quaternion_to_euler",
     "raw_to_features",
     "sample_to_features",
+    "samples_to_features",
     "denoise",
     "prepare_windows",
     "windows_from_features",
@@ -511,6 +512,28 @@ def sample_to_features(row: Sequence[float]) -> tuple[float, ...]:
         rps,
         voltage,
     )
+
+
+def samples_to_features(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``sample_to_features`` for ``(N, 7)`` raw samples at once -> ``(N, 6)`` float64.
+
+    Bit for bit what ``sample_to_features`` gives each row: the arithmetic is
+    the same IEEE operations in numpy, and the angles come from the C library's
+    ``atan2``/``asin`` (``math``), not numpy's SIMD versions, which differ in
+    the last bit of about one value in four. About 0.1 us a sample.
+    """
+    count = len(rows)
+    x, y, z, w = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    out = np.empty((count, N_FEATURES), dtype=np.float64)
+    roll = map(_atan2, (w * x + y * z).tolist(), (0.5 - (x * x + y * y)).tolist())
+    out[:, 0] = np.fromiter(roll, np.float64, count)
+    arg = 2.0 * (w * y - z * x)
+    np.clip(arg, -1.0, 1.0, out=arg)
+    out[:, 1] = np.fromiter(map(_asin, arg.tolist()), np.float64, count)
+    yaw = map(_atan2, (w * z + x * y).tolist(), (0.5 - (y * y + z * z)).tolist())
+    out[:, 2] = np.fromiter(yaw, np.float64, count)
+    out[:, 3:] = rows[:, 4:]
+    return out
 
 
 def feature_means(

@@ -1,9 +1,15 @@
 """Untrusted sensor messages -> validated samples in the turbine buffers.
 
-The hot path of the daemon: at 1,000 turbines x 20 Hz it runs 20,000 times a
-second, so it parses with the stdlib's C ``json``, checks a sample with a few
-C-level set and tuple operations, and writes the 7 values straight into the
-preallocated buffer row (no per-sample objects beyond the parsed dict).
+The hot path of the daemon: at 5,000 turbines x 20 Hz it runs 100,000 times a
+second. The MQTT source hands it each socket read's messages at once
+(``on_messages``): msgspec decodes and type-checks every one-sample message
+in C against a fixed schema, the range checks run on the whole batch as
+arrays, and the buffers take the batch under one lock (``append_many``).
+Whatever that fast path does not accept (a batch of samples, a new turbine,
+a bad or odd message) goes, in its place in the stream, through the general
+path (``on_message``): the stdlib's ``json``, then per-sample checks that name
+the reason a sample is dropped. Both paths accept exactly the same samples
+with the same values (tests compare them); the fast one costs about a fifth.
 
 A message is one sample ``{"ts"?, "qx", "qy", "qz", "qw", "wind_speed_rps",
 "rps", "voltage"}`` (``"wind speed rps"`` accepted for ``wind_speed_rps``) or
@@ -17,15 +23,20 @@ logged at most once per interval, with how many were dropped since.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import cast
 
+import msgspec
+import numpy as np
 import structlog
+from numpy.typing import NDArray
 
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.features import RAW_FIELDS
+from edgeapp.features import N_RAW, RAW_FIELDS, samples_to_features
 from edgeapp.sources import TopicPattern, valid_turbine_id
 
 __all__ = ["DropCounter", "DropReason", "Ingestor"]
@@ -44,6 +55,46 @@ _GET_ALIASED = operator.itemgetter(
 _ALLOWED = frozenset((*RAW_FIELDS, ALIAS, "ts"))
 _NUMBER_TYPES = frozenset((int, float))
 _loads = json.loads
+
+
+class _Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """One sample as the fast path decodes it; fields in ``RAW_FIELDS`` order, then the
+    workshop's spelling and ``ts``.
+
+    Only numbers decode into these fields (not booleans, strings or null); an
+    absent optional field is NaN, which JSON cannot spell; an unknown key fails.
+    """
+
+    qx: float
+    qy: float
+    qz: float
+    qw: float
+    wind_speed_rps: float = math.nan
+    rps: float
+    voltage: float
+    wind_alias: float = msgspec.field(name=ALIAS, default=math.nan)
+    ts: float = math.nan
+
+
+_decode_sample = msgspec.json.Decoder(_Sample).decode
+_astuple = msgspec.structs.astuple
+_chain = itertools.chain.from_iterable
+_SAMPLE_FIELDS = len(_Sample.__struct_fields__)
+_MIN_BATCH = 8
+"""Fewer messages than this in a read take the general path: the batch path's fixed cost
+(some 30 us of array calls) is worth it from about this many on."""
+_FAST_MAX_ABS = 1e300
+"""The fast path leaves larger magnitudes to the general one (whose sum of 7 cannot
+overflow below this)."""
+
+
+def _decoded(payload: bytes) -> _Sample | None:
+    if b'"samples"' in payload:  # a list of samples: never one (an exception costs 1.5 us)
+        return None
+    try:
+        return _decode_sample(payload)
+    except msgspec.DecodeError:  # ValidationError included: the general path says why
+        return None
 
 
 class DropReason(enum.StrEnum):
@@ -144,19 +195,146 @@ class Ingestor:
         self.samples = 0
         """Samples accepted into the buffers."""
         self._slot_of_topic: dict[str, int] = {}
+        self._slot_of_name: dict[bytes, int] = {}  # the same, by the topic's bytes
         self._evicted = 0  # buffers.evicted when the cache above was last valid
 
     # ---- entry points
 
+    def on_messages(
+        self, topics: Sequence[bytes], payloads: Sequence[bytes], arrival: float
+    ) -> None:
+        """Several MQTT messages that arrived together (one socket read), in order;
+        ``topics`` as the packets spell them (UTF-8).
+
+        The same as ``on_message`` for each in turn, in a fraction of the time:
+        one-sample messages of known turbines that pass every check are decoded,
+        checked and buffered as a batch; the others (``{"samples": [...]}`` lists
+        too) go through ``on_message``'s path in their place in the stream.
+        """
+        count = len(payloads)
+        self.messages += count
+        if count < _MIN_BATCH:  # cheaper one by one than the batch's fixed cost
+            for name, payload in zip(topics, payloads, strict=True):
+                self._general(name, payload, arrival)
+            return
+        evicted = self._forget_freed_slots()
+        slots = list(map(self._slot_of_name.get, topics))
+        try:
+            samples: list[_Sample | None] = list(map(_decode_sample, payloads))
+        except msgspec.DecodeError:
+            samples = list(map(_decoded, payloads))
+        if max(map(len, payloads)) > self.max_payload_bytes:
+            samples = [
+                None if len(p) > self.max_payload_bytes else s
+                for p, s in zip(payloads, samples, strict=True)
+            ]
+        if None in slots or None in samples:
+            candidates = [
+                i for i, (slot, sample) in enumerate(zip(slots, samples, strict=True))
+                if slot is not None and sample is not None
+            ]  # fmt: skip
+        else:  # the stream: known turbines, every message decoded
+            candidates = list(range(count))
+        fast = np.zeros(count, dtype=np.bool_)
+        raw = np.empty((count, N_RAW))
+        ts = np.empty(count)
+        if candidates:
+            decoded = cast(
+                "list[_Sample]",  # candidates decoded
+                samples if len(candidates) == count else [samples[i] for i in candidates],
+            )
+            values = np.fromiter(
+                _chain(map(_astuple, decoded)), np.float64, len(candidates) * _SAMPLE_FIELDS
+            ).reshape(len(candidates), _SAMPLE_FIELDS)
+            ok = self._accept(values)
+            chosen = np.asarray(candidates, dtype=np.intp)
+            fast[chosen] = ok
+            raw[chosen] = values[:, :7]
+            alias = np.isnan(values[:, 4])
+            raw[chosen[alias], 4] = values[alias, 7]
+            ts[chosen] = values[:, 8]
+        if fast.all():
+            self._append_fast(np.asarray(slots, dtype=np.intp), raw, ts, arrival, topics)
+            return
+
+        def run(begin: int, end: int) -> None:
+            """Buffer messages ``begin:end``, all accepted by the fast path."""
+            if begin >= end:
+                return
+            if self.buffers.evicted != evicted:
+                # a slot freed since the lookup above may have gone to a new turbine on
+                # the general path meanwhile: these messages find their slots there
+                for i in range(begin, end):
+                    self._general(topics[i], payloads[i], arrival)
+                return
+            part = slice(begin, end)
+            chosen = np.asarray(slots[part], dtype=np.intp)
+            self._append_fast(chosen, raw[part], ts[part], arrival, topics[part])
+
+        begin = 0
+        for i in np.flatnonzero(~fast).tolist():  # in stream order, fast runs between
+            run(begin, i)
+            self._general(topics[i], payloads[i], arrival)
+            begin = i + 1
+        run(begin, count)
+
+    def _forget_freed_slots(self) -> int:
+        """Empty both slot caches when the buffers evicted turbines since they were filled;
+        returns the eviction count they are valid for."""
+        evicted = self.buffers.evicted
+        if evicted != self._evicted:
+            self._evicted = evicted
+            self._slot_of_topic.clear()
+            self._slot_of_name.clear()
+        return evicted
+
+    def _general(self, name: bytes, payload: bytes, arrival: float) -> None:
+        """A message of a batch through the general path; its slot is remembered."""
+        topic = name.decode("utf-8", "replace")
+        self._message(topic, payload, arrival)
+        slot = self._slot_of_topic.get(topic)
+        if slot is not None:
+            self._slot_of_name[name] = slot
+
+    def _accept(self, values: NDArray[np.float64]) -> NDArray[np.bool_]:
+        """Which decoded samples ``(M, 9)`` (``_Sample`` order) the fast path takes: exactly
+        one wind speed spelling, every magnitude and the ts within range."""
+        wind, alias, ts = values[:, 4], values[:, 7], values[:, 8]
+        spelled = np.isnan(wind)
+        ok: NDArray[np.bool_] = spelled != np.isnan(alias)
+        magnitude = np.abs(values[:, :7])
+        magnitude[spelled, 4] = np.abs(alias[spelled])
+        ok &= magnitude[:, :4].max(axis=1) <= min(self.max_abs_quaternion, _FAST_MAX_ABS)
+        ok &= magnitude[:, 4:].max(axis=1) <= min(self.max_abs_value, _FAST_MAX_ABS)
+        ok &= np.isnan(ts) | ((ts >= 0.0) & (ts <= MAX_TS_MS))
+        return ok
+
+    def _append_fast(
+        self,
+        slots: NDArray[np.intp],
+        raw: NDArray[np.float64],
+        ts: NDArray[np.float64],
+        arrival: float,
+        topics: Sequence[bytes],
+    ) -> None:
+        features = samples_to_features(raw).astype(np.float32)  # exactly what append stores
+        written = self.buffers.append_many(slots, features, arrival, ts)
+        accepted = int(np.count_nonzero(written))
+        self.samples += accepted
+        if accepted < len(slots):
+            for i in np.flatnonzero(~written).tolist():
+                self.drops.add(DropReason.EVICTED, topics[i].decode("utf-8", "replace"), arrival)
+
     def on_message(self, topic: str, payload: bytes | bytearray, arrival: float) -> None:
         """One MQTT message: ``topic`` names the turbine, ``payload`` is JSON."""
         self.messages += 1
+        self._message(topic, payload, arrival)
+
+    def _message(self, topic: str, payload: bytes | bytearray, arrival: float) -> None:
         if len(payload) > self.max_payload_bytes:
             self.drops.add(DropReason.OVERSIZED, topic, arrival)
             return
-        if self.buffers.evicted != self._evicted:  # slots were freed: forget them
-            self._evicted = self.buffers.evicted
-            self._slot_of_topic.clear()
+        self._forget_freed_slots()
         slot = self._slot_of_topic.get(topic)
         turbine = None
         if slot is None:

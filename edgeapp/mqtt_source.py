@@ -2,10 +2,10 @@
 
 A thin adapter: it keeps one subscription to ``mqtt_topic``
 (``wind-turbine/+/raw-data``) through an ``MqttClient`` (reconnecting with
-backoff, subscribing again after every reconnection) and hands each message's
-topic, payload and arrival time to ``Ingestor.on_message``, on the client's
-thread. Everything about payloads (parsing, validation,
-counting) is the ingestor's business.
+backoff, subscribing again after every reconnection) and hands the topics,
+payloads and arrival time of each socket read's messages to
+``Ingestor.on_messages`` at once, on the client's thread. Everything about
+payloads (parsing, validation, counting) is the ingestor's business.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class MqttSource:
             subscription=topic,
             qos=qos,
             on_message=ingestor.on_message,
+            on_batch=ingestor.on_messages,
             on_oversized=ingestor.on_oversized,
             max_packet_bytes=ingestor.max_payload_bytes + _PACKET_OVERHEAD,
         )

@@ -26,12 +26,14 @@ and a connection. Labels are retained, and sent again after every reconnect.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -68,12 +70,58 @@ class Topics:
 
 
 def verdict_payloads(batch: VerdictBatch, now: float) -> list[bytes]:
-    """One ``anomalies`` payload per turbine of the batch; ``now`` is monotonic time."""
-    latency = np.round((now - batch.arrival) * 1000.0, 3).tolist()
+    """One ``anomalies`` payload per turbine of the batch; ``now`` is monotonic time.
+
+    The bytes ``json`` would write for each verdict's object (compact separators),
+    from one %-template per batch: the numbers are formatted with ``repr`` (what
+    ``json`` writes for a float) and the constant parts are encoded once. A batch
+    with a non-finite number takes ``json`` itself, which refuses it (ValueError).
+    """
+    latency = np.round((now - batch.arrival) * 1000.0, 3)
+    if not (np.isfinite(batch.scores).all() and np.isfinite(latency).all()):
+        return _verdict_payloads_json(batch, latency)
+    names = list(batch.anomalies)
+    thresholds = _dumps(list(batch.thresholds))  # the key: 0.0 == -0.0, their JSON differs
+    template = _verdict_template(
+        batch.model, batch.version, thresholds, tuple(names), batch.scores.shape[1]
+    )
+    flags = [[_JSON_BOOL[f] for f in batch.anomalies[name].tolist()] for name in names]
+    columns = [batch.ts_ms.tolist(), *batch.scores.T.tolist(), *flags, latency.tolist()]
+    return [(template % values).encode() for values in zip(*columns, strict=True)]
+
+
+_JSON_BOOL = {False: "false", True: "true"}
+
+
+@functools.lru_cache(maxsize=16)
+def _verdict_template(
+    model: str, version: str, thresholds: str, groups: tuple[str, ...], scores: int
+) -> str:
+    """The verdict object with %-placeholders for ts, the scores, the group flags and the
+    latency, and everything else encoded by ``json`` (escaped for %); ``thresholds`` is
+    their JSON already."""
+    constant = [
+        (_dumps(model), _dumps(version), thresholds),
+        tuple(_dumps(name) for name in groups),
+    ]
+    (model_json, version_json, thresholds_json), group_json = (
+        tuple(part.replace("%", "%%") for part in parts) for parts in constant
+    )
+    anomalies = ",".join(f"{name}:%s" for name in group_json)
+    return (
+        f'{{"ts":%d,"model":{model_json},"version":{version_json},'
+        f'"scores":[{",".join(["%r"] * scores)}],"thresholds":{thresholds_json},'
+        f'"anomalies":{{{anomalies}}},"latency_ms":%r}}'
+    )
+
+
+def _verdict_payloads_json(batch: VerdictBatch, latency: NDArray[np.float64]) -> list[bytes]:
+    """``verdict_payloads`` through ``json`` (which refuses NaN and infinity)."""
     scores = batch.scores.tolist()
     ts = batch.ts_ms.tolist()
     groups = {name: flags.tolist() for name, flags in batch.anomalies.items()}
     thresholds = list(batch.thresholds)
+    delays = latency.tolist()
     return [
         _dumps(
             {
@@ -83,7 +131,7 @@ def verdict_payloads(batch: VerdictBatch, now: float) -> list[bytes]:
                 "scores": scores[i],
                 "thresholds": thresholds,
                 "anomalies": {name: flags[i] for name, flags in groups.items()},
-                "latency_ms": latency[i],
+                "latency_ms": delays[i],
             }
         ).encode()
         for i in range(len(batch.turbines))
@@ -101,23 +149,29 @@ def dashboard_payloads(
     """One ``dashboard/update`` payload per row of ``means`` ``(T, 6)``.
 
     Non-finite means (a turbine sending NaN never gets this far, but a mean
-    can still overflow) are sent as null.
+    can still overflow) are sent as null. The bytes ``json`` writes, from one
+    %-template (as ``verdict_payloads``); a row with a non-finite mean takes ``json``.
     """
-    rows = means.tolist()
-    stamps = ts_ms.tolist()
+    template = _dashboard_template(samples, means.shape[1])
+    finite = cast("list[bool]", np.isfinite(means).all(axis=1).tolist())
     return [
-        _dumps(
-            {
-                "ts": stamps[i],
-                "samples": samples,
-                "means": {
-                    name: (value if math.isfinite(value) else None)
-                    for name, value in zip(FEATURES, rows[i], strict=True)
-                },
-            }
-        ).encode()
-        for i in range(len(rows))
+        (template % (stamp, *row)).encode() if ok else _dashboard_json(stamp, row, samples)
+        for stamp, row, ok in zip(ts_ms.tolist(), means.tolist(), finite, strict=True)
     ]
+
+
+@functools.lru_cache(maxsize=4)
+def _dashboard_template(samples: int, count: int) -> str:
+    means = ",".join(f"{_dumps(name)}:%r" for name in FEATURES[:count])
+    return f'{{"ts":%d,"samples":{samples},"means":{{{means}}}}}'
+
+
+def _dashboard_json(stamp: int, row: list[float], samples: int) -> bytes:
+    means = {
+        name: (value if math.isfinite(value) else None)
+        for name, value in zip(FEATURES, row, strict=True)
+    }
+    return _dumps({"ts": stamp, "samples": samples, "means": means}).encode()
 
 
 class MqttPublisher:

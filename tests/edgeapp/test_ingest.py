@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.features import FEATURES, RAW_FIELDS, raw_to_features
+from edgeapp.features import FEATURES, N_RAW, RAW_FIELDS, raw_to_features, sample_to_features
 from edgeapp.ingest import DropCounter, DropReason, Ingestor
 from edgeapp.sources import TopicPattern
 
@@ -311,3 +311,176 @@ def test_a_fixed_allow_list_keeps_its_slots_and_refusals_are_counted_by_reason()
     assert buffers.ids == ["f1", "f2"]
     send(ingestor, "f1", SAMPLE, at=1000.0)
     assert ingestor.drops.counts == {DropReason.UNKNOWN_TURBINE: 1, DropReason.BAD_TOPIC: 1}
+
+
+# ---- the batch path (``on_messages``, what the MQTT source calls) against the
+# general one (``on_message`` per message): the same samples, values, counters.
+
+FINITE = st.floats(min_value=-2.0, max_value=2.0) | st.floats(allow_nan=False, width=32)
+
+
+@st.composite
+def sample_bodies(draw: st.DrawFn) -> object:
+    sample: dict[str, object] = {f: draw(FINITE) for f in RAW_FIELDS}
+    change = draw(st.sampled_from(["none", "none", "alias", "both", "missing", "extra", "bad"]))
+    if change == "alias":
+        sample["wind speed rps"] = sample.pop("wind_speed_rps")
+    elif change == "both":
+        sample["wind speed rps"] = 1.0
+    elif change == "missing":
+        del sample[draw(st.sampled_from(RAW_FIELDS))]
+    elif change == "extra":
+        sample["temp"] = 1
+    elif change == "bad":
+        sample[draw(st.sampled_from(RAW_FIELDS))] = draw(
+            st.sampled_from([True, None, "1", [1], 10**400, 1e308, math.inf, math.nan, 7])
+        )
+    ts = draw(
+        st.sampled_from(["absent", "absent", None, -1, 0, 1.5, 1e14, 1e14 + 1, math.nan, "now"])
+        | st.integers(min_value=0, max_value=2**60)
+    )
+    if ts != "absent":
+        sample["ts"] = ts
+    return sample
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["sample"] * 6 + ["samples", "junk", "spaced", "big"]))
+    if kind == "junk":
+        return draw(st.binary(max_size=40))
+    if kind == "samples":
+        return json.dumps({"samples": draw(st.lists(sample_bodies(), max_size=12))}).encode()
+    body = json.dumps(draw(sample_bodies()), separators=(",", ":") if kind != "spaced" else None)
+    return body.encode() + (b" " * 5000 if kind == "big" else b"")
+
+
+BATCHES = st.lists(
+    st.tuples(
+        st.lists(
+            st.tuples(st.sampled_from(["a", "b", "c", "d", "bad id"]), payloads()), max_size=25
+        ),
+        st.sampled_from([0.05, 0.05, 0.05, 20.0]),  # seconds since the last read
+        st.booleans(),  # evict silent turbines after it
+    ),
+    max_size=8,
+)
+
+
+def ingest_both(
+    batches: list[tuple[list[tuple[str, bytes]], float, bool]], max_turbines: int = 3
+) -> list[Ingestor]:
+    one, many = (make(max_turbines=max_turbines, capacity=8) for _ in range(2))
+    at = 1.0
+    for messages, gap, evict in batches:
+        at += gap
+        for turbine, payload in messages:
+            one.on_message(topic(turbine), payload, at)
+        many.on_messages([topic(t).encode() for t, _p in messages], [p for _t, p in messages], at)
+        if evict:
+            for ingestor in (one, many):
+                ingestor.buffers.evict_idle(at, 10.0)
+    return [one, many]
+
+
+def assert_same(one: Ingestor, many: Ingestor) -> None:
+    assert (many.messages, many.samples) == (one.messages, one.samples)
+    assert many.drops.counts == one.drops.counts
+    assert many.buffers.slot_ids() == one.buffers.slot_ids()
+    np.testing.assert_array_equal(many.buffers.state()[0], one.buffers.state()[0])
+    np.testing.assert_array_equal(many.buffers.state()[1], one.buffers.state()[1])
+    slots = np.arange(len(one.buffers.slot_ids()))
+    for ingestor in (one, many):  # compare the rings as the tick reads them
+        ingestor.gathered = ingestor.buffers.gather(slots, 8)  # type: ignore[attr-defined]
+    a, b = one.gathered, many.gathered  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(b.features, a.features)  # bit for bit
+    np.testing.assert_array_equal(b.ts, a.ts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=BATCHES)
+def test_a_batch_of_messages_is_buffered_exactly_as_one_at_a_time(
+    batches: list[tuple[list[tuple[str, bytes]], float, bool]],
+) -> None:
+    assert_same(*ingest_both(batches))
+
+
+@pytest.mark.parametrize("turbines", [3, 40], ids=["each several times a read", "each once"])
+def test_the_batch_path_takes_a_farms_stream_bit_for_bit(turbines: int) -> None:
+    rng = np.random.default_rng(5)
+    quats = rng.normal(size=(400, 4))
+    quats[:300] /= np.linalg.norm(quats[:300], axis=1, keepdims=True)
+    quats[300:] = np.clip(quats[300:], -1.5, 1.5)  # non-unit ones reach the asin clip
+    rows = np.concatenate([quats, rng.normal(2.0, 1.0, size=(400, 3))], axis=1)
+    batches = []
+    for k in range(0, 400, 40):  # 40 messages per read
+        messages = []
+        for i in range(k, k + 40):
+            sample = dict(zip(RAW_FIELDS, rows[i].tolist(), strict=True))
+            messages.append((f"t{i % turbines}", json.dumps({"ts": 1000 + i, **sample}).encode()))
+        batches.append((messages, 20.0 if k == 200 else 0.05, False))  # and one gap
+    one, many = ingest_both(batches, max_turbines=turbines)
+    assert one.samples == many.samples == 400 and many.drops.counts == {}
+    assert_same(one, many)
+
+
+@pytest.mark.parametrize("when", ["after the slots were looked up", "just before b asks"])
+def test_a_slot_freed_and_given_away_during_a_batch_is_not_written_through_the_cache(
+    when: str,
+) -> None:
+    ingestor = make(max_turbines=1, capacity=8)
+    body = json.dumps(SAMPLE).encode()
+    ingestor.on_messages([topic("a").encode()] * 8, [body] * 8, 1.0)  # a's topic is cached now
+    buffers = ingestor.buffers
+    # the tick thread frees a's slot during a read in which "b" comes first and takes it
+    target: Any = ingestor if when.startswith("after") else buffers
+    name = "_accept" if when.startswith("after") else "can_add"
+    original = getattr(target, name)
+
+    def evict_first(*args: Any) -> Any:
+        buffers.evict_idle(100.0, 10.0)
+        return original(*args)
+
+    setattr(target, name, evict_first)
+    names = [topic("b").encode()] + [topic("a").encode()] * 7  # a read's worth
+    ingestor.on_messages(names, [body] * 8, 100.0)
+    assert buffers.ids == ["b"]
+    counts, _arrival = buffers.state()
+    assert counts.tolist() == [1]  # b's sample only: a's went nowhere
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 7}
+
+
+def test_gather_copies_each_rings_newest_samples_oldest_first() -> None:
+    buffers = TurbineBuffers(max_turbines=6, capacity=10, gap_reset_s=10.0)
+    rows = np.random.default_rng(2).normal(size=(6, 27, N_RAW)) * 0.5
+    for slot in range(6):  # 5 + slot * 4 samples each: rings wrapped or not, anywhere
+        buffers.add(f"t{slot}")
+        for k in range(5 + slot * 4):
+            buffers.append(slot, rows[slot, k].tolist(), 1.0 + k * 0.05)
+    for n in (1, 4, 5, 10):
+        slots = np.array([5, 0, 3, 1])
+        gathered = buffers.gather(slots, n)
+        for k, slot in enumerate(slots.tolist()):
+            count = 5 + slot * 4
+            newest = [features_row(rows[slot, i]) for i in range(count - n, count) if i >= 0]
+            if count >= n:  # a slot with fewer gets older ring content in front
+                np.testing.assert_array_equal(gathered.features[k], np.array(newest))
+
+
+def features_row(row: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.array(sample_to_features(row.tolist()), dtype=np.float32)
+
+
+def test_an_eviction_seen_first_by_a_small_read_empties_the_batch_paths_cache_too() -> None:
+    ingestor = make(max_turbines=2, capacity=8)
+    body = json.dumps(SAMPLE).encode()
+    a, b, c = (topic(t).encode() for t in "abc")
+    ingestor.on_messages([a, b] * 4, [body] * 8, 1.0)  # both cached by the batch path
+    ingestor.on_messages([b] * 8, [body] * 8, 50.0)
+    assert ingestor.buffers.evict_idle(60.0, 30.0) == ["a"]
+    ingestor.on_messages([c], [body], 60.0)  # a small read: c takes a's slot
+    ingestor.on_messages([a] * 8, [body] * 8, 60.1)  # a is back: no room, not c's slot
+    counts, _arrival = ingestor.buffers.state()
+    assert ingestor.buffers.slot_ids() == ["c", "b"]
+    assert counts.tolist() == [1, 8]  # b restarted after its 49 s gap
+    assert ingestor.drops.counts == {DropReason.TOO_MANY_TURBINES: 8}

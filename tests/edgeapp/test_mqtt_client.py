@@ -13,7 +13,7 @@ import pytest
 from edgeapp_harness import Mosquitto, free_port, short_dir, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeapp.mqtt import BrokerConfig, MqttClient
+from edgeapp.mqtt import BrokerConfig, MqttClient, publish_packet
 
 TOPIC = "wind-turbine/+/raw-data"
 
@@ -22,11 +22,18 @@ class Inbox:
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, float]] = []
         self.oversized: list[tuple[str, int]] = []
+        self.batches = 0
         self.lock = threading.Lock()
 
     def on_message(self, topic: str, payload: bytes, arrival: float) -> None:
         with self.lock:
             self.messages.append((topic, bytes(payload), arrival))
+
+    def on_batch(self, topics: list[bytes], payloads: list[bytes], arrival: float) -> None:
+        with self.lock:
+            self.batches += 1
+        for topic, payload in zip(topics, payloads, strict=True):
+            self.on_message(topic.decode(), payload, arrival)
 
     def on_oversized(self, topic: str, size: int, _arrival: float) -> None:
         with self.lock:
@@ -71,10 +78,13 @@ def subscriber(port: int, inbox: Inbox, **kw: object) -> MqttClient:
     return sub
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one by one", "per read"])
 @pytest.mark.parametrize("qos", [0, 1])
-def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int) -> None:
+def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int, batched: bool) -> None:
     inbox = Inbox()
-    sub = subscriber(broker.port, inbox, qos=qos)
+    sub = subscriber(
+        broker.port, inbox, qos=qos, **({"on_batch": inbox.on_batch} if batched else {})
+    )
     pub = publisher(broker.port)
     try:
         assert sub.wait_subscribed(10)
@@ -92,6 +102,8 @@ def test_messages_arrive_whole_and_in_order(broker: Mosquitto, qos: int) -> None
         }
         if qos:  # every QoS 1 message acknowledged: the broker has nothing left in flight
             assert sub.connected
+        if batched:  # the reads of a stream carry many messages each
+            assert 0 < inbox.batches < len(expected)
     finally:
         pub.disconnect()
         pub.loop_stop()
@@ -267,3 +279,24 @@ def test_publishing_without_a_broker_is_counted_and_hooks_run_on_every_connectio
         client.stop()
         shutil.rmtree(base, ignore_errors=True)
         del tmp_path
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 127, 128, 16383, 16384, 2_097_151, 2_097_152])
+@pytest.mark.parametrize(("retain", "packet_id"), [(False, None), (True, None), (False, 258)])
+def test_publish_packets_are_encoded_as_mqtt_3_1_1_says(
+    size: int, retain: bool, packet_id: int | None
+) -> None:
+    topic = "wind-turbine/t\u00e9/anomalies"
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    name = topic.encode()
+    ident = b"" if packet_id is None else packet_id.to_bytes(2, "big")
+    body = len(name).to_bytes(2, "big") + name + ident + payload
+    length, n = bytearray(), len(body)  # the spec's algorithm (section 2.2.3)
+    while True:
+        n, byte = divmod(n, 128)
+        length.append(byte | 0x80 if n else byte)
+        if not n:
+            break
+    header = 0x30 | (0x02 if packet_id is not None else 0) | (0x01 if retain else 0)
+    expected = bytes((header,)) + bytes(length) + body
+    assert publish_packet(topic, payload, retain=retain, packet_id=packet_id) == expected

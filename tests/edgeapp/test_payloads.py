@@ -6,6 +6,9 @@ import json
 import math
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeapp.detector import VerdictBatch
 from edgeapp.publisher import Topics, dashboard_payloads, status_payload, verdict_payloads
@@ -67,3 +70,105 @@ def test_topics() -> None:
     assert topics.anomalies("t7") == "wind-turbine/t7/anomalies"
     assert topics.label("t7") == "wind-turbine/t7/label/update"
     assert topics.dashboard("t7") == "wind-turbine/t7/dashboard/update"
+
+
+# ---- the templates against json itself: the same bytes for any value
+
+NUMBERS = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0.0, -0.0, 5e-324, 1e16, 1e-5, 1e22, 123456789.125]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.lists(NUMBERS, min_size=6, max_size=6),
+            st.integers(min_value=0, max_value=10**14),
+            st.lists(st.booleans(), min_size=3, max_size=3),
+            st.floats(min_value=-1e6, max_value=1e6),
+        ),
+        max_size=5,
+    ),
+    model=st.text(max_size=8),
+    version=st.text(max_size=5),
+    thresholds=st.lists(NUMBERS, min_size=6, max_size=6),
+)
+def test_verdict_payloads_are_the_bytes_json_writes(
+    rows: list[tuple[list[float], int, list[bool], float]],
+    model: str,
+    version: str,
+    thresholds: list[float],
+) -> None:
+    groups = ("vibration", "rotation", "voltage")
+    verdicts = VerdictBatch(
+        turbines=[f"t{i}" for i in range(len(rows))],
+        ts_ms=np.array([r[1] for r in rows], dtype=np.int64),
+        arrival=np.array([r[3] for r in rows], dtype=np.float64),
+        model=model,
+        version=version,
+        scores=np.array([r[0] for r in rows], dtype=np.float64).reshape(len(rows), 6),
+        thresholds=tuple(thresholds),
+        anomalies={
+            g: np.array([r[2][k] for r in rows], dtype=np.bool_) for k, g in enumerate(groups)
+        },
+    )
+    latency = np.round((5.0 - verdicts.arrival) * 1000.0, 3).tolist()
+    expected = [
+        json.dumps(
+            {
+                "ts": r[1],
+                "model": model,
+                "version": version,
+                "scores": r[0],
+                "thresholds": thresholds,
+                "anomalies": dict(zip(groups, r[2], strict=True)),
+                "latency_ms": latency[i],
+            },
+            separators=(",", ":"),
+        ).encode()
+        for i, r in enumerate(rows)
+    ]
+    assert verdict_payloads(verdicts, now=5.0) == expected
+
+
+def test_a_verdict_with_a_non_finite_score_is_refused_as_json_refuses_it() -> None:
+    verdicts = batch()
+    verdicts.scores[1, 2] = math.nan
+    with pytest.raises(ValueError, match="JSON"):
+        verdict_payloads(verdicts, now=10.25)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.floats() | NUMBERS, min_size=6, max_size=6),
+        max_size=5,
+    ),
+    samples=st.integers(min_value=1, max_value=1000),
+)
+def test_dashboard_payloads_are_the_bytes_json_writes(
+    rows: list[list[float]], samples: int
+) -> None:
+    means = np.array(rows, dtype=np.float64).reshape(len(rows), 6)
+    stamps = np.arange(len(rows), dtype=np.int64) * 50
+    expected = [
+        json.dumps(
+            {
+                "ts": int(stamps[i]),
+                "samples": samples,
+                "means": {
+                    name: (v if math.isfinite(v) else None)
+                    for name, v in zip(
+                        ("roll", "pitch", "yaw", "wind_speed_rps", "rps", "voltage"),
+                        row,
+                        strict=True,
+                    )
+                },
+            },
+            separators=(",", ":"),
+            allow_nan=False,
+        ).encode()
+        for i, row in enumerate(rows)
+    ]
+    assert dashboard_payloads(stamps, means, samples) == expected
