@@ -11,6 +11,11 @@ Without trained weights the initialisers are He-initialised from a seeded RNG
 (``cloud.training``) hands its weights to the same builder, so a released
 model has exactly this graph. ``COMPACT_LAYERS`` is the cheaper variant:
 fewer channels and no padding blow-up (10 -> 11 -> 10 -> 9 and back).
+
+``build_relational_model`` is the relational variant: the same interface, but
+each feature is rebuilt by a head that sees only the features that
+physically determine it (``RELATIONAL_HEADS``), so a sensor that disagrees
+with the others cannot reconstruct itself.
 """
 
 from __future__ import annotations
