@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,18 +107,32 @@ def find_mosquitto() -> Path:
 
 def _claim_port(port: int, what: str) -> int:
     """``port`` if it is free on 127.0.0.1 (0: any free one); LocalCloudError when taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as the servers do: a listener holds the port, old TIME_WAIT connections do not
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
+    return _claim_ports([(port, what)])[0]
+
+
+def _claim_ports(wanted: Sequence[tuple[int, str]]) -> list[int]:
+    """Each ``(port, what)`` if free on 127.0.0.1 (0: any free one), all distinct.
+
+    Every socket stays bound until all are chosen, so two requests for any free
+    port cannot be handed the same one; LocalCloudError names a taken port.
+    """
+    with contextlib.ExitStack() as held:
+        chosen: list[int] = []
+        for port, what in wanted:
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            # as the servers do: a listener holds the port, old TIME_WAIT connections do not
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise LocalCloudError(
+                        f"port {port} on 127.0.0.1 ({what}) is already in use"
+                    ) from None
                 raise LocalCloudError(
-                    f"port {port} on 127.0.0.1 ({what}) is already in use"
+                    f"cannot use port {port} on 127.0.0.1 ({what}): {exc}"
                 ) from None
-            raise LocalCloudError(f"cannot use port {port} on 127.0.0.1 ({what}): {exc}") from None
-        chosen: int = s.getsockname()[1]
+            chosen.append(int(s.getsockname()[1]))
         return chosen
 
 
@@ -254,11 +268,15 @@ class LocalCloud:
         logs.mkdir(exist_ok=True)
         self._refuse_if_running()
         p = self.ports
-        mqtt = _claim_port(p.mqtt, "MQTT")
-        mqtt_tls = _claim_port(p.mqtt_tls, "MQTT over mutual TLS")
-        s3 = _claim_port(p.s3, "S3")
-        creds = _claim_port(p.credentials, "credentials provider")
-        admin = _claim_port(p.admin, "jobs admin API")
+        mqtt, mqtt_tls, s3, creds, admin = _claim_ports(
+            [
+                (p.mqtt, "MQTT"),
+                (p.mqtt_tls, "MQTT over mutual TLS"),
+                (p.s3, "S3"),
+                (p.credentials, "credentials provider"),
+                (p.admin, "jobs admin API"),
+            ]
+        )
         if len({mqtt, mqtt_tls, s3, creds, admin}) != 5:
             raise LocalCloudError("the stand-in needs five different ports")
         self.pki.ensure()

@@ -199,3 +199,17 @@ def test_second_start_in_the_same_state_dir_is_refused(
         LocalCloud(state_dir=cloud.state_dir).start()
     # the refused one stopped nothing of the running one
     assert cloud.jobs.health()["ready"] is True
+
+
+def test_free_ports_claimed_together_are_distinct_and_a_taken_one_is_named() -> None:
+    """Five "any free port" requests never get the same port (the stand-in once failed
+    with "needs five different ports" when the kernel handed a just-closed port back)."""
+    for _ in range(200):
+        ports = launcher_module._claim_ports([(0, f"service {i}") for i in range(5)])
+        assert len(set(ports)) == 5 and all(p > 0 for p in ports)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        with pytest.raises(LocalCloudError, match=f"port {taken} .*S3.* already in use"):
+            launcher_module._claim_ports([(0, "MQTT"), (taken, "S3")])
