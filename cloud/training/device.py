@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -79,10 +80,13 @@ class _Recorder:
 class DevicePath:
     """An agent serving one package, and a detector in this process that asks it."""
 
-    def __init__(self, *, socket: Path, model: str, follower: ModelFollower) -> None:
+    def __init__(
+        self, *, socket: Path, model: str, follower: ModelFollower, agent_pid: int
+    ) -> None:
         self.socket = socket
         self.model = model
         self.follower = follower
+        self.agent_pid = agent_pid
 
     def score_stream(self, raw: NDArray[np.float64], *, max_batch: int = 256) -> StreamVerdicts:
         """Feed ``(T, n, 7)`` raw samples tick by tick; every tick's verdicts."""
@@ -138,6 +142,28 @@ class DevicePath:
 
 
 @contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the agent runs, SIGTERM raises SystemExit so ``device_path`` ends the agent.
+
+    The agent runs in a session of its own (Ctrl-C in a terminal reaches only this
+    process, which then stops it); SIGTERM's default action would end this process
+    without unwinding and leave the agent running.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; the caller owns signals then
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def device_path(
     package: Path, *, trusted_keys: Path, model: str = "wind-turbine"
 ) -> Iterator[DevicePath]:
@@ -148,48 +174,49 @@ def device_path(
         target = base / "package"
         manifest: Manifest = extract_package(package, target, trusted_keys=keys)
         socket = base / "agent.sock"
-        log = (base / "agent.log").open("wb")
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "edgeagent", "--socket", str(socket),
-                "--trusted-keys", str(trusted_keys), "--state-dir", str(base / "state"),
-                "--log-level", "WARNING",
-            ],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
-        )  # fmt: skip
-        client = AgentClient(socket, timeout=120)
-        follower: ModelFollower | None = None
-        try:
-            deadline = time.monotonic() + _START_TIMEOUT_S
-            while not socket.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"edge-agent did not start: {(base / 'agent.log').read_text()[-2000:]}"
-                    )
-                time.sleep(0.05)
-            client.wait_ready(_START_TIMEOUT_S)
-            client.load_model(model, target)
-
-            def factory() -> ModelClient:
-                return AgentClient(socket, timeout=120)
-
-            follower = ModelFollower(
-                client_factory=factory, model_name=model, retry_min_s=0.05, retry_max_s=0.5,
-                buffer_length=manifest_buffer(manifest),
+        with _sigterm_unwinds():  # from before the agent starts until it has ended
+            log = (base / "agent.log").open("wb")
+            proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "edgeagent", "--socket", str(socket),
+                    "--trusted-keys", str(trusted_keys), "--state-dir", str(base / "state"),
+                    "--log-level", "WARNING",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
             )  # fmt: skip
-            yield DevicePath(socket=socket, model=model, follower=follower)
-        finally:
-            if follower is not None:
-                follower.close()
-            client.close()
-            os.killpg(proc.pid, signal.SIGTERM)
+            client = AgentClient(socket, timeout=120)
+            follower: ModelFollower | None = None
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
+                deadline = time.monotonic() + _START_TIMEOUT_S
+                while not socket.exists():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"edge-agent did not start: {(base / 'agent.log').read_text()[-2000:]}"
+                        )
+                    time.sleep(0.05)
+                client.wait_ready(_START_TIMEOUT_S)
+                client.load_model(model, target)
+
+                def factory() -> ModelClient:
+                    return AgentClient(socket, timeout=120)
+
+                follower = ModelFollower(
+                    client_factory=factory, model_name=model, retry_min_s=0.05, retry_max_s=0.5,
+                    buffer_length=manifest_buffer(manifest),
+                )  # fmt: skip
+                yield DevicePath(socket=socket, model=model, follower=follower, agent_pid=proc.pid)
+            finally:
+                if follower is not None:
+                    follower.close()
+                client.close()
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                log.close()
 
 
 def manifest_buffer(manifest: Manifest) -> int:

@@ -8,6 +8,11 @@ the full report is ``docs/model-report.md``.
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +145,46 @@ def test_predict_batch_refuses_a_bad_recording_and_writes_nothing(
     assert code == 1
     assert "bad.csv:2: not a complete row of numbers" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sigterm_during_an_evaluation_ends_its_agent_too(tmp_path: Path) -> None:
+    """The agent runs in a session of its own; a SIGTERM to the evaluating process
+    (a CI timeout, systemd, ``kill``) must not leave it running."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from cloud.training.device import device_path\n"
+        f"with device_path(Path({str(RELEASED)!r}), trusted_keys=Path({str(KEYS)!r})) as d:\n"
+        "    print(d.agent_pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    agent = 0
+    try:
+        assert proc.stdout is not None
+        agent = int(proc.stdout.readline())
+        os.kill(agent, 0)  # running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while _alive(agent) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(agent), "the agent outlived the evaluation"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if agent and _alive(agent):
+            os.kill(agent, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
