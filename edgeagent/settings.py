@@ -19,7 +19,7 @@ import structlog
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from edgecommon.settings import EnvOverFileSettings
+from edgecommon.settings import EnvOverFileSettings, validation_problems
 
 log = structlog.get_logger(__name__)
 
@@ -315,8 +315,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSet
             # model_validate re-reads the environment; the flags must win.
             settings = settings.model_copy(update=flags)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid agent configuration: {problems}") from exc
+        raise ConfigError(f"invalid agent configuration: {validation_problems(exc)}") from exc
     return settings

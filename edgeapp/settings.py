@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import SettingsConfigDict
 
 from edgeapp.errors import ConfigError
-from edgecommon.settings import EnvOverFileSettings
+from edgecommon.settings import EnvOverFileSettings, validation_problems
 
 TURBINE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 """A turbine id: it becomes a topic level, so no ``/``, ``+``, ``#`` or blanks."""
@@ -308,8 +308,4 @@ def load_settings(config_file: Path | None = None) -> AppSettings:
     try:
         return AppSettings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid app configuration: {problems}") from exc
+        raise ConfigError(f"invalid app configuration: {validation_problems(exc)}") from exc

@@ -59,9 +59,9 @@ def known_log_level(value: str) -> str:
     return value.upper()
 
 
-def validation_problems(exc: ValidationError) -> str:
-    """One line from a settings ValidationError: ``field: message; ...``."""
+def validation_problems(exc: ValidationError, whole: str = "settings") -> str:
+    """One line from a ValidationError: ``field: message; ...`` (``whole`` names an
+    error about the object as a whole, which has no field)."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-        for err in exc.errors()
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in exc.errors()
     )

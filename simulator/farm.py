@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgecommon.settings import validation_problems
 from simulator.generator import (
     STUCK_FIELDS,
     Batch,
@@ -83,11 +84,7 @@ class Command(BaseModel):
                 return cls.model_validate(data)
             return cls.model_validate_json(data)
         except ValidationError as exc:
-            reasons = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'command'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise CommandError(f"invalid command: {reasons}") from None
+            raise CommandError(f"invalid command: {validation_problems(exc, 'command')}") from None
 
     def fault(self) -> Fault:
         if self.kind is None:

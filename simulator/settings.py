@@ -13,6 +13,8 @@ from typing import Final, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edgecommon.settings import validation_problems
+
 __all__ = ["SimSettings", "SettingsError", "load_settings"]
 
 _ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -102,8 +104,6 @@ def load_settings(**values: object) -> SimSettings:
     try:
         return SimSettings(**given)  # type: ignore[arg-type]  # validated by pydantic
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise SettingsError(f"invalid simulator configuration: {problems}") from None
+        raise SettingsError(
+            f"invalid simulator configuration: {validation_problems(exc)}"
+        ) from None

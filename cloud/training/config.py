@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgecommon.settings import validation_problems
+
 __all__ = ["TrainConfig", "RunPaths", "load_hyperparameters", "ConfigError"]
 
 HYPERPARAMETERS_FILE = Path("/opt/ml/input/config/hyperparameters.json")
@@ -140,8 +142,5 @@ def load_hyperparameters(
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'hyperparameters'}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = validation_problems(exc, "hyperparameters")
         raise ConfigError(f"invalid hyperparameters: {problems}") from None
