@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 
 from edgeapp.features import FEATURES, RAW_FIELDS, PreprocessingParams, denoise, raw_to_features
 
-__all__ = ["PlotError", "Recording", "read_recording", "plot_recording"]
+__all__ = ["PlotError", "Recording", "read_recording", "plot_recording", "save_figure"]
 
 _UNITS = ("rad", "rad", "rad", "anemometer rps", "rotor rps", "mV")
 _TURBINE_COLUMNS = ("turbine", "turbine_id", "turbineId")
@@ -99,10 +99,16 @@ def _fault_spans(t: NDArray[np.float64], faults: Sequence[str]) -> list[tuple[fl
     return spans
 
 
-def _save(fig: object, path: Path) -> None:
+def save_figure(fig: object, path: Path, dpi: int = 110) -> Path:
+    """Lay ``fig`` out, write it as a PNG atomically (no half-written file), close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - loaded already by whoever drew ``fig``
+
+    fig.tight_layout()  # type: ignore[attr-defined]  # a matplotlib Figure
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=110, format="png")  # type: ignore[attr-defined]  # a matplotlib Figure
+    fig.savefig(tmp, dpi=dpi, format="png")  # type: ignore[attr-defined]  # a matplotlib Figure
     tmp.replace(path)
+    plt.close(fig)  # type: ignore[arg-type]  # a matplotlib Figure
+    return path
 
 
 def plot_recording(
@@ -144,11 +150,7 @@ def plot_recording(
                     ax.text(start, 1.02, label, transform=ax.get_xaxis_transform(), fontsize=8)
         axes[-1].set_xlabel("seconds")
         fig.suptitle(f"{title}: turbine {rec.turbine}")
-        fig.tight_layout()
-        path = out_dir / f"{rec.turbine}-{name}.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{rec.turbine}-{name}.png"))
 
     series(feats, "raw features", "raw", normalised=False)
     series(prepared, "prepared features (denoised, normalised)", "prepared", normalised=True)
@@ -157,9 +159,5 @@ def plot_recording(
         ax.hist(prepared[:, k], bins=60, color="tab:blue", alpha=0.8)
         ax.set_title(FEATURES[k])
     fig.suptitle(f"prepared feature distributions: turbine {rec.turbine}")
-    fig.tight_layout()
-    path = out_dir / f"{rec.turbine}-histograms.png"
-    _save(fig, path)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out_dir / f"{rec.turbine}-histograms.png"))
     return written

@@ -29,6 +29,7 @@ from cloud.training.evaluate import (
     below_half,
     fmt_rate,
 )
+from cloud.visualize import save_figure
 from edgeapp.features import FEATURES
 
 __all__ = ["ModelCost", "write_report"]
@@ -243,10 +244,7 @@ def _plot_detection(evaluations: Sequence[PackageEvaluation], path: Path) -> Pat
     ax.set_ylabel("detected within the deadline (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def _plot_latency(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
@@ -269,10 +267,7 @@ def _plot_latency(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
     ax.set_ylabel("onset -> first correct verdict (s)")
     ax.set_yscale("symlog", linthresh=1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def _plot_sweeps(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
@@ -287,10 +282,7 @@ def _plot_sweeps(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
         ax.set_ylim(-5, 105)
     axes[0].set_ylabel("detected within 30 s (%)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def _plot_confusion(evaluations: Sequence[PackageEvaluation], path: Path) -> Path:
@@ -308,10 +300,7 @@ def _plot_confusion(evaluations: Sequence[PackageEvaluation], path: Path) -> Pat
             ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=6,
                     color="white" if value > 60 else "black")  # fmt: skip
         ax.set_title(_label(e), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def _plot_scores(e: PackageEvaluation, path: Path) -> Path:
@@ -340,7 +329,4 @@ def _plot_scores(e: PackageEvaluation, path: Path) -> Path:
         ax.set_title(f"{FEATURES[f]} (threshold {e.thresholds[f]:.3f})", fontsize=9)
         ax.legend(fontsize=6)
     fig.suptitle(f"{_label(e)}: scores (mean absolute error) vs threshold", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
