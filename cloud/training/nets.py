@@ -70,14 +70,19 @@ class RelationalNet(nn.Module):
                 modules.append(nn.Conv1d(cin, cout, kernel, padding=pad, dilation=dilation))
             self.parts.append(nn.ModuleList(modules))
             self.convs.append(modules)
-        self.order = [c for head in heads for c in head.outputs]
+        # built once, not per batch: each head's input features, and where the heads'
+        # concatenated outputs go back to feature order
+        self.inputs = [torch.tensor(head.inputs) for head in heads]
+        order = [c for head in heads for c in head.outputs]
+        self.inverse = torch.tensor([order.index(c) for c in range(CHANNELS)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         seq = x.reshape(n, CHANNELS, SIDE * SIDE)
         outs: list[torch.Tensor] = []
-        for head, part, relus in zip(self.heads, self.convs, self.relus, strict=True):
-            index = torch.tensor(head.inputs)
+        for head, index, part, relus in zip(
+            self.heads, self.inputs, self.convs, self.relus, strict=True
+        ):
             h = (x if head.image else seq).index_select(1, index)
             for layer, relu in zip(part, relus, strict=True):
                 h = layer(h)
@@ -85,8 +90,7 @@ class RelationalNet(nn.Module):
                     h = torch.relu(h)
             outs.append(h.reshape(n, len(head.outputs), SIDE * SIDE))
         joined = torch.cat(outs, 1)
-        inverse = torch.tensor([self.order.index(c) for c in range(CHANNELS)])
-        return joined.index_select(1, inverse).reshape(n, CHANNELS, SIDE, SIDE)
+        return joined.index_select(1, self.inverse).reshape(n, CHANNELS, SIDE, SIDE)
 
     def export_weights(self) -> dict[str, NDArray[np.float32]]:
         """``<head>.<layer>.weight``/``.bias`` -> float32 arrays, the ONNX initialiser names."""
