@@ -342,6 +342,8 @@ class Downloader:
             proc.wait(timeout=self._silence)  # it said all it had: let it exit on its own
         except subprocess.TimeoutExpired as exc:
             raise TransientError(f"{where}: the download process does not exit") from exc
+        except BrokenPipeError:
+            pass  # the child is gone before reading its request: its exit status says how
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a broken pipe, a bad line
             raise TransientError(f"{where}: download process: {exc}") from exc
         finally:

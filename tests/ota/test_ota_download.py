@@ -243,6 +243,26 @@ def test_s3_unreachable_is_transient(tls: LocalTls, tmp_path: Path) -> None:
         dl.fetch(s3_doc(), tmp_path / "j.tar.gz", no_progress)
 
 
+def test_s3_child_dead_before_its_request_reports_how_it_ended(
+    moto: Moto, tls: LocalTls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child killed before it reads its request: the reason is its end, not a broken pipe."""
+    suicide = tmp_path / "dies.sh"
+    suicide.write_text("#!/bin/sh\nkill -9 $$\n")
+    suicide.chmod(0o755)
+    real_popen = subprocess.Popen
+
+    def popen_then_wait(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        proc.wait()  # the request is written only once the child is gone: EPIPE every time
+        return proc
+
+    monkeypatch.setattr(sys, "executable", str(suicide))  # the downloader's child command
+    monkeypatch.setattr(subprocess, "Popen", popen_then_wait)
+    with pytest.raises(TransientError, match=r"download process ended \(signal 9\)"):
+        downloader(moto, tls).fetch(s3_doc(), tmp_path / "k.tar.gz", no_progress)
+
+
 # -- S3 downloads run in a child process (boto3's memory is never kept by edge-ota) --------
 
 BIG = 24 * 1024 * 1024  # 24 chunks: the child is still downloading at the first progress
