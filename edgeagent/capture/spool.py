@@ -91,6 +91,10 @@ log = structlog.get_logger(__name__)
 
 ENVELOPE_VERSION = 1
 SEGMENT_RE = re.compile(r"seg-(\d{12})\.(open|sealed-(\d+))")
+FREE_RE = re.compile(r"free-(\d{12})")
+FREE_DIR = "free"
+_POOL_MAX = 4  # uploaded segments' files kept for reuse
+_TAG_LEN = 22  # b"@" + 12-digit segment number + its crc32 (8 hex) + b" "
 LOCK_FILE = "LOCK"
 JOURNAL_FILE = "statuses.log"
 CRASH_POINT_ENV = "WINDEDGE_CAPTURE_CRASH_POINT"
@@ -154,6 +158,26 @@ def decode_line(line: bytes) -> Any | None:
     return None if parts is None else parts[0]
 
 
+def segment_tag(seq: int) -> bytes:
+    """The prefix of every line written to segment ``seq``: ``@<seq, 12 digits><crc32 of
+    those digits, 8 hex> ``. A file reused for a later segment still holds the old
+    segment's lines past the new ones: their tag names another segment, so a reader
+    stops there instead of taking them for new captures."""
+    digits = b"%012d" % seq
+    return b"@%s%08x " % (digits, zlib.crc32(digits))
+
+
+def _line_segment(line: bytes) -> int | None:
+    """The segment a tagged line names, or None when its tag is damaged."""
+    digits, check = line[1:13], line[13:21]
+    if line[:1] != b"@" or line[21:22] != b" " or not digits.isdigit():
+        return None
+    try:
+        return int(digits) if int(check, 16) == zlib.crc32(digits) else None
+    except ValueError:
+        return None
+
+
 def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(end offset, line) of every newline-terminated line, and a last torn one."""
     start = 0
@@ -205,21 +229,43 @@ class SegmentContent:
     entries: list[SpoolEntry]
     corrupt_lines: int
     valid_end: int  # offset just after the last valid line
-    data: bytes
+    data: bytes  # the segment's own bytes (a reused file's older lines cut off)
+    tagged: bool = True  # its lines carry segment tags (written since files are reused)
 
 
-def read_segment_bytes(data: bytes) -> SegmentContent:
+def read_segment_bytes(data: bytes, seq: int) -> SegmentContent:
+    """The captures of segment ``seq`` in ``data``, the bytes of its file.
+
+    Tagged lines (``segment_tag``) belong to the segment they name: the first
+    whole line naming another segment is where a reused file's older content
+    begins, and the segment ends after its last own line before it. A torn or
+    corrupted line is skipped alone. Untagged lines are the format from before
+    files were reused (such a file is never reused, so it has no older content).
+    """
     entries: list[SpoolEntry] = []
     corrupt = 0
+    since_valid = 0  # corrupt lines after the last valid one
     valid_end = 0
+    tagged = data[:1] == b"@"
     for end, line in iter_lines(data):
-        entry = _entry(split_line(line))
+        body = line
+        if tagged:
+            owner = _line_segment(line)
+            if owner is not None and owner != seq:
+                # older content of a reused file: the torn line before it is its too
+                data, corrupt = data[:valid_end], corrupt - since_valid
+                break
+            body = line[_TAG_LEN:] if owner is not None else b""
+        entry = _entry(split_line(body))
         if entry is None:
             corrupt += 1
+            since_valid += 1
             continue
         entries.append(entry)
-        valid_end = end
-    return SegmentContent(entries=entries, corrupt_lines=corrupt, valid_end=valid_end, data=data)
+        valid_end, since_valid = end, 0
+    return SegmentContent(
+        entries=entries, corrupt_lines=corrupt, valid_end=valid_end, data=data, tagged=tagged
+    )
 
 
 @dataclass(slots=True)
@@ -230,6 +276,7 @@ class Segment:
     ids: list[str] = field(default_factory=list)
     nbytes: int = 0
     opened_mono: float = 0.0  # when its first record was written (push period)
+    reusable: bool = True  # its file may take a later segment (tagged lines only)
 
     @property
     def name(self) -> str:
@@ -315,12 +362,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _writev_all(fd: int, parts: list[bytes]) -> None:
-    """Write ``parts`` one after the other, as few ``writev`` calls as it takes (no
-    joined copy of a group commit's lines)."""
+def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
+    """Write ``parts`` one after the other from ``offset``, as few ``pwritev`` calls as
+    it takes (no joined copy of a group commit's lines)."""
     views = [memoryview(p) for p in parts if p]
     while views:
-        sent = os.writev(fd, views[:_IOV_MAX])
+        sent = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += sent
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)
@@ -384,12 +432,17 @@ class CaptureSpool:
         self.directory = directory
         self.segments_dir = directory / "spool"
         self.rejected_dir = directory / "rejected"
+        self.free_dir = directory / FREE_DIR
         self._statuses = statuses
         self._config = config
         self._journal = StatusJournal(directory / JOURNAL_FILE, statuses)
         self._cond = threading.Condition()
         self._queue: deque[_Queued] = deque()
         self._sealed: deque[Segment] = deque()  # oldest first
+        # files of uploaded segments, kept to take new ones: overwriting a file's
+        # blocks in place lets fdatasync flush the data alone, where appending to a
+        # new file also commits the file system's journal (its size and blocks)
+        self._pool: list[tuple[Path, int]] = []  # (path, bytes on disk)
         self._open: Segment | None = None
         self._open_fd: int | None = None
         self._next_seq = 1
@@ -415,7 +468,7 @@ class CaptureSpool:
     # -- life cycle ----------------------------------------------------------------
     def open(self) -> None:
         """Take the spool's lock and recover it (raises SpoolLockedError when in use)."""
-        for folder in (self.directory, self.segments_dir, self.rejected_dir):
+        for folder in (self.directory, self.segments_dir, self.rejected_dir, self.free_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = lock_spool(self.directory)
         restored = self._journal.restore()
@@ -469,8 +522,9 @@ class CaptureSpool:
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"capture cannot be recorded: {exc}") from None
         cfg = self._config
+        size = _TAG_LEN + len(line)  # as written: each line carries its segment's tag
         with self._cond:
-            reason = self._refusal(len(line))
+            reason = self._refusal(size)
             if reason is not None:
                 self._count("dropped")
                 self._dropped_ids.append(request.capture_id)
@@ -479,8 +533,8 @@ class CaptureSpool:
             item = _Queued(request.capture_id, line)
             self._queue.append(item)
             self._records += 1
-            self._bytes += len(line)
-            self._pending += len(line)
+            self._bytes += size
+            self._pending += size
             self._count("accepted")
             if not cfg.sync_ack:
                 if self._writer_idle or len(self._queue) >= cfg.max_unsynced // 2:
@@ -572,8 +626,8 @@ class CaptureSpool:
             return f"capture spool full ({self._bytes} bytes waiting for upload)"
         if len(self._queue) >= cfg.max_unsynced:
             return f"capture spool writer behind ({len(self._queue)} captures not on disk)"
-        try:
-            free = free_bytes(self.segments_dir) - self._pending
+        try:  # the pool's files take new segments: their space is the spool's
+            free = free_bytes(self.segments_dir) + self._pool_bytes() - self._pending
         except OSError as exc:
             return f"capture spool unusable: {exc.strerror or exc}"
         if free - size < cfg.reserve_bytes:
@@ -581,6 +635,9 @@ class CaptureSpool:
                 f"spool disk full ({max(0, free)} bytes free, {cfg.reserve_bytes} kept in reserve)"
             )
         return None
+
+    def _pool_bytes(self) -> int:
+        return sum(size for _, size in self._pool)
 
     def flush(self) -> None:
         """Seal the open segment now (its records become an upload batch)."""
@@ -594,7 +651,7 @@ class CaptureSpool:
             return self._sealed[0] if self._sealed else None
 
     def read(self, segment: Segment) -> SegmentContent:
-        content = read_segment_bytes(segment.path.read_bytes())
+        content = read_segment_bytes(segment.path.read_bytes(), segment.seq)
         if content.corrupt_lines:
             log.warning(
                 "corrupt records skipped in capture segment",
@@ -604,11 +661,12 @@ class CaptureSpool:
         return content
 
     def complete(self, segment: Segment) -> None:
-        """The batch is in the destination: statuses SUCCESS, segment removed."""
+        """The batch is in the destination: statuses SUCCESS, segment removed (its
+        file kept for a later segment while the pool has room)."""
         self._finish(segment, CaptureStatus.SUCCESS)
-        # no directory fsync: should a power loss undo this unlink, the batch is
-        # uploaded again to the same keys, which changes nothing in the destination
-        segment.path.unlink(missing_ok=True)
+        # no directory fsync: should a power loss undo this unlink or rename, the
+        # batch is uploaded again to the same keys, which changes nothing there
+        self._retire(segment.path, segment.seq if segment.reusable else None)
         self._release(segment)
         self._count("uploaded", len(segment.ids))
 
@@ -652,6 +710,32 @@ class CaptureSpool:
             self._statuses.set(capture_id, status, at=now)
         self._journal.append([(i, status, now) for i in segment.ids], sync=True)
 
+    def _retire(self, path: Path, seq: int | None) -> None:
+        """Put a segment's file in the pool (``seq`` None: not reusable), else remove it."""
+        with self._cond:
+            room = seq is not None and len(self._pool) < _POOL_MAX and self._write_error is None
+        if room and seq is not None:
+            target = self.free_dir / f"free-{seq:012d}"
+            try:
+                size = os.stat(path).st_blocks * 512
+                os.replace(path, target)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                log.warning("capture segment not kept for reuse", error=str(exc))
+            else:
+                with self._cond:
+                    self._pool.append((target, size))
+                return
+        path.unlink(missing_ok=True)
+
+    def _drop_pool(self) -> None:
+        """Give the pool's space back to the file system (a write ran out of it)."""
+        with self._cond:
+            pool, self._pool = self._pool, []
+        for path, _ in pool:
+            path.unlink(missing_ok=True)
+
     def _release(self, segment: Segment) -> None:
         with self._cond:
             if self._sealed and self._sealed[0] is segment:
@@ -664,6 +748,18 @@ class CaptureSpool:
             self._cond.notify_all()
 
     def _recover(self) -> None:
+        # a file moved from the pool to a segment just before a power loss may show
+        # under both names where renames are not atomic: the segment's name wins
+        in_use = {(st.st_dev, st.st_ino) for st in map(os.stat, self.segments_dir.iterdir())}
+        for path in sorted(self.free_dir.iterdir()):
+            match = FREE_RE.fullmatch(path.name)
+            st = path.stat()
+            if match is None or len(self._pool) >= _POOL_MAX or (st.st_dev, st.st_ino) in in_use:
+                path.unlink(missing_ok=True)
+                continue
+            # a reused file holds lines of its earlier segments: numbers stay above them
+            self._next_seq = max(self._next_seq, int(match.group(1)) + 1)
+            self._pool.append((path, st.st_blocks * 512))
         found: list[tuple[int, Path, int | None]] = []
         for path in self.segments_dir.iterdir():
             match = SEGMENT_RE.fullmatch(path.name)
@@ -676,12 +772,14 @@ class CaptureSpool:
         found.sort()
         for seq, path, sealed in found:
             self._next_seq = max(self._next_seq, seq + 1)
-            content = read_segment_bytes(path.read_bytes())
-            segment = Segment(seq=seq, path=path, sealed_at=sealed)
+            raw = path.read_bytes()
+            content = read_segment_bytes(raw, seq)
+            segment = Segment(seq=seq, path=path, sealed_at=sealed, reusable=content.tagged)
             segment.ids = [e.capture_id for e in content.entries]
             if sealed is None:
-                # torn tail from a crash: keep only whole, valid lines, then seal
-                if content.valid_end < len(content.data):
+                # torn tail from a crash (or a reused file's older lines): keep
+                # only whole, valid lines, then seal
+                if content.valid_end < len(raw):
                     with open(path, "r+b") as handle:
                         handle.truncate(content.valid_end)
                         os.fsync(handle.fileno())
@@ -816,7 +914,7 @@ class CaptureSpool:
                 room = max(1, self._config.batch_size - len(segment.ids))
                 chunk = items[pos : pos + room]
                 lines = [item.line for item in chunk]
-                size = sum(map(len, lines))
+                size = sum(map(len, lines)) + _TAG_LEN * len(lines)
                 self._append(segment, lines)
             except OSError as exc:
                 self._not_written(items[pos:], exc, give_up=last_attempt)
@@ -871,7 +969,7 @@ class CaptureSpool:
         now = time.time()
         for item in items:
             self._statuses.set(item.capture_id, CaptureStatus.FAILURE, at=now)
-        size = sum(len(item.line) for item in items)
+        size = sum(_TAG_LEN + len(item.line) for item in items)
         with self._cond:
             self._records -= len(items)
             self._bytes -= size
@@ -926,11 +1024,24 @@ class CaptureSpool:
         return segment
 
     def _new_segment(self) -> tuple[Segment, int]:
-        """A new, empty open segment file (not yet durable: its folder needs an fsync)."""
+        """A new, empty open segment: a pool file when there is one, else a new file.
+
+        Not yet durable: its folder needs an fsync. A reused file keeps its old
+        bytes; new lines overwrite them from the start, and their tags tell
+        where the new segment ends.
+        """
         seq = self._next_seq
         self._next_seq += 1
         path = self.segments_dir / segment_name(seq, None)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._cond:
+            reused = self._pool.pop()[0] if self._pool else None
+        if reused is not None:
+            try:
+                os.replace(reused, path)
+            except OSError as exc:
+                log.warning("pooled capture segment file unusable", error=str(exc))
+                reused.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return Segment(seq=seq, path=path, opened_mono=time.monotonic()), fd
 
     def _append(self, segment: Segment, lines: list[bytes]) -> None:
@@ -940,13 +1051,18 @@ class CaptureSpool:
         if not lines:
             return
         before = segment.nbytes
+        tag = segment_tag(segment.seq)
         try:
-            _writev_all(fd, lines)
-            os.fsync(fd)
-        except OSError:
+            _pwritev_all(fd, [part for line in lines for part in (tag, line)], before)
+            # the file's size and blocks, when it grew, are part of what
+            # fdatasync flushes; a reused file's overwritten blocks need nothing else
+            os.fdatasync(fd)
+        except OSError as exc:
             # take back a partial write so later lines start clean
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, before)
+            if exc.errno in _NO_SPACE:
+                self._drop_pool()
             raise
 
     def _seal_open(self, *, open_next: bool = False) -> None:

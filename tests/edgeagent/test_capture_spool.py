@@ -33,6 +33,8 @@ from edgeagent.capture.spool import (
     SpoolLockedError,
     decode_line,
     encode_line,
+    read_segment_bytes,
+    segment_tag,
 )
 from edgeagent.capture.upload import (
     DiskDestination,
@@ -308,6 +310,120 @@ def test_a_permanently_refused_batch_is_failure_and_kept_aside(
     assert {book.get(r.capture_id) for r in reqs} == {CaptureStatus.FAILURE}
     assert len(list((spool_dir / "rejected").iterdir())) == 1
     assert spool.counters()["spooled"] == 0
+
+
+# -- uploaded segments' files are reused ------------------------------------------------------
+def upload_all(spool: CaptureSpool, out: Path) -> None:
+    uploader = Uploader(spool=spool, destination=DiskDestination(out), device_id="d", prefix="")
+    assert uploader.drain(timeout=10)
+
+
+def uploaded_ids(out: Path) -> list[str]:
+    data = b"".join(p.read_bytes() for p in sorted(out.rglob("*.jsonl")))
+    return sorted(r.event_id for r in read_records(data))
+
+
+def test_a_reused_file_never_brings_back_its_older_captures(
+    spools: list[CaptureSpool], spool_dir: Path, tmp_path: Path
+) -> None:
+    """An uploaded segment's file takes the next segment; its older, longer
+    content is never read as captures: not on upload, not after a crash."""
+    out = tmp_path / "out"
+    spool, book = open_spool(spools, spool_dir)
+    first = [request(aux=b"x" * 20_000) for _ in range(5)]  # large lines
+    for req in first:
+        put(spool, book, req)
+    spool.seal_all()
+    upload_all(spool, out)
+    (pooled,) = (spool_dir / "free").iterdir()
+    old_size = pooled.stat().st_size
+    assert not list((spool_dir / "spool").iterdir())
+
+    # the next segment reuses that file: a short segment over a long one
+    second = [request() for _ in range(2)]
+    for req in second:
+        put(spool, book, req)
+    spool.seal_all()
+    assert not list((spool_dir / "free").iterdir())
+    (sealed,) = (spool_dir / "spool").iterdir()
+    assert sealed.stat().st_size == old_size  # overwritten in place, older lines still there
+    upload_all(spool, out)
+    assert uploaded_ids(out) == sorted(r.capture_id for r in first + second)
+
+    # a crash with a reused file open: recovery keeps only its own lines
+    third = [request() for _ in range(3)]
+    for req in third:
+        put(spool, book, req)
+    spool.close()  # no seal: the open segment is left as a crash leaves it
+    (left,) = (spool_dir / "spool").iterdir()
+    assert left.name.endswith(".open") and left.stat().st_size == old_size
+    again, book2 = open_spool(spools, spool_dir)
+    assert again.counters()["spooled"] == 3
+    assert {book2.get(r.capture_id) for r in first + second} == {CaptureStatus.SUCCESS}
+    upload_all(again, out)
+    assert uploaded_ids(out) == sorted(r.capture_id for r in first + second + third)
+
+
+def test_segment_numbers_stay_above_the_pooled_files_after_a_restart(
+    spools: list[CaptureSpool], spool_dir: Path, tmp_path: Path
+) -> None:
+    """A pooled file holds lines tagged with its last segment's number: a
+    restarted spool with nothing else on disk must not number a segment so."""
+    out = tmp_path / "out"
+    spool, book = open_spool(spools, spool_dir)
+    first = [request() for _ in range(5)]
+    for req in first:
+        put(spool, book, req)
+    spool.seal_all()
+    upload_all(spool, out)
+    spool.close()
+
+    again, book2 = open_spool(spools, spool_dir)
+    late = request()
+    put(again, book2, late)
+    again.seal_all()
+    segment = again.next_sealed()
+    assert segment is not None and segment.seq == 2
+    assert [e.capture_id for e in again.read(segment).entries] == [late.capture_id]
+
+
+def test_segments_in_the_format_before_reuse_are_uploaded_and_not_reused(
+    spools: list[CaptureSpool], spool_dir: Path, tmp_path: Path
+) -> None:
+    """A device upgraded with captures in its spool: untagged lines still upload."""
+    spool, book = open_spool(spools, spool_dir)
+    reqs = [request() for _ in range(3)]
+    for req in reqs:
+        put(spool, book, req)
+    spool.seal_all()
+    spool.close()
+    (sealed,) = (spool_dir / "spool").iterdir()
+    tag = segment_tag(1)
+    lines = sealed.read_bytes().splitlines(keepends=True)
+    assert all(line.startswith(tag) for line in lines)
+    sealed.write_bytes(b"".join(line[len(tag) :] for line in lines))  # the older format
+
+    again, _ = open_spool(spools, spool_dir)
+    assert again.counters()["spooled"] == 3
+    upload_all(again, tmp_path / "out")
+    assert uploaded_ids(tmp_path / "out") == sorted(r.capture_id for r in reqs)
+    assert not list((spool_dir / "free").iterdir())  # its file is removed, not pooled
+
+
+def test_a_damaged_tag_skips_its_line_alone_and_another_segments_line_ends_the_segment() -> None:
+    headers = {"model": "m", "fleet": "f", "t": 1.0}
+    own = [
+        segment_tag(9) + encode_line({"v": 1, "id": f"c{i}", **headers}, b"{}") for i in range(4)
+    ]
+    stale = segment_tag(3) + encode_line({"v": 1, "id": "old", **headers}, b"{}")
+    bad = bytearray(own[1])
+    bad[5] ^= 0x01  # a digit of the segment number: the tag's checksum fails
+    data = own[0] + bytes(bad) + own[2] + stale[40:] + stale + own[3]
+    content = read_segment_bytes(data, 9)
+    assert [e.capture_id for e in content.entries] == ["c0", "c2"]
+    assert content.corrupt_lines == 1  # the damaged tag; the torn older line is not counted
+    assert content.data == own[0] + bytes(bad) + own[2]  # what the batch id is made of
+    assert read_segment_bytes(data, 3).entries == []  # numbers must match, not only checksums
 
 
 # -- statuses -------------------------------------------------------------------------------------
