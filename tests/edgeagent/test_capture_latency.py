@@ -36,7 +36,9 @@ The ratios against ``alone`` are printed too.
 
 Noise: modes alternate in short blocks (a slow neighbour hits all of them
 alike), p50 is over all samples of a mode in a run, and the ratio asserted
-is the median over three runs. Run with ``-s`` to see the figures.
+is the median over five runs (with three, one invocation in four to eight
+went over 1.05 on this machine whatever the spool did: per-run ratios of
+the concurrent pair spread 0.96-1.13). Run with ``-s`` to see the figures.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from edgeagent.errors import NotFoundError
 
 BLOCKS = 20  # per run and mode
 PER_BLOCK = 20  # Predicts per block
-RUNS = 3
+RUNS = 5
 CONCURRENT_RATE = 100.0  # captures/s from the other process
 # Acknowledged once queued (group-committed within the window): the capture work
 # itself may move Predict p50 by at most 5 %.
