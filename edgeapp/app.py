@@ -129,6 +129,7 @@ class App:
             capture_fraction=settings.capture_fraction,
             dashboard_period_s=settings.dashboard_period_s,
             dashboard_samples=settings.dashboard_samples,
+            stuck_after_samples=settings.stuck_after_samples,
         )
         self.tick_errors = 0
         self.overruns = 0

@@ -60,6 +60,8 @@ class Gathered:
     """``(T,)`` monotonic arrival time of each turbine's newest sample."""
     ts: NDArray[np.float64]
     """``(T,)`` the newest sample's own timestamp (epoch ms), NaN when it had none."""
+    count: NDArray[np.int64]
+    """``(T,)`` samples each slot had received since its buffer (re)started."""
 
 
 class TurbineBuffers:
@@ -346,6 +348,7 @@ class TurbineBuffers:
             write = self._write[slots]
             arrival = self._arrival[slots]
             ts = self._ts[slots]
+            received = self._count[slots]
             # a ring's newest n samples are one or two runs of it: slice copies, 3-4x
             # cheaper than an index per sample
             for k, (slot, end) in enumerate(zip(slots.tolist(), write.tolist(), strict=True)):
@@ -355,4 +358,4 @@ class TurbineBuffers:
                 else:
                     out[k, :-start] = data[slot, start:]
                     out[k, -start:] = data[slot, :end]
-        return Gathered(features=out, arrival=arrival, ts=ts)
+        return Gathered(features=out, arrival=arrival, ts=ts, count=received)

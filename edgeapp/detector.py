@@ -9,7 +9,9 @@ At each tick (``tick_period_s``, 2 Hz by default) the detector
    out of the buffers (stored as features), runs ``windows_from_features`` on
    the whole chunk, and sends it to the agent in one ``Predict``; then scores
    the reconstruction and hands the verdicts (and, once per
-   ``dashboard_period_s``, the feature means) to the sink.
+   ``dashboard_period_s``, the feature means) to the sink. With
+   ``stuck_after_samples`` set, a feature whose reading has not changed for
+   that many samples (``edgeapp.stuck``) raises its fault group too.
 
 Inference runs on ``max_inflight`` worker threads (2 by default): the agent
 works on chunks k and k+1 at once (its sessions run requests concurrently, one
@@ -53,6 +55,7 @@ from edgeagent.errors import AgentError
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
+from edgeapp.stuck import StuckSensors
 
 __all__ = ["Detector", "TickReport", "VerdictBatch", "VerdictSink"]
 
@@ -81,7 +84,10 @@ class VerdictBatch:
     """``(T, 6)`` mean absolute reconstruction error per feature."""
     thresholds: tuple[float, ...]
     anomalies: Mapping[str, NDArray[np.bool_]]
-    """Fault group -> ``(T,)`` raised or not."""
+    """Fault group -> ``(T,)`` raised or not: by the model's scores, or by a feature
+    of the group found stuck."""
+    stuck: NDArray[np.bool_] | None = None
+    """``(T, 6)`` features found stuck (``edgeapp.stuck``); None when the check is off."""
 
 
 class VerdictSink(Protocol):
@@ -128,6 +134,7 @@ class _Chunk:
     ts: NDArray[np.float64]  # (T,) its own ts (epoch ms) or NaN
     windows: NDArray[np.float32]  # (T, W, 6, side, side)
     means: NDArray[np.float64] | None  # (T, 6) when the dashboard is due
+    stuck: NDArray[np.bool_] | None  # (T, 6) when the flat-line check is on
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,6 +165,7 @@ class Detector:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         seed: int | None = None,
+        stuck_after_samples: int = 0,
     ) -> None:
         self.buffers = buffers
         self.follower = follower
@@ -175,6 +183,11 @@ class Detector:
         )
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeapp-publish")
         self._scored = np.full(buffers.max_turbines, -math.inf)
+        self._stuck = (
+            StuckSensors(buffers.max_turbines, stuck_after_samples)
+            if stuck_after_samples > 0
+            else None
+        )
         self._next_dashboard = -math.inf
         self._label: str | None = None
         self._gathered: NDArray[np.float32] | None = None  # reused gather buffer
@@ -273,6 +286,7 @@ class Detector:
             buffer = self._gathered = np.empty((_GATHER_TURBINES, n, N_FEATURES), np.float32)
         windows = np.empty((count, params.n_windows, *params.input_shape), dtype=np.float32)
         means = np.empty((count, N_FEATURES)) if dashboard else None
+        stuck = np.empty((count, N_FEATURES), dtype=bool) if self._stuck is not None else None
         arrival = np.empty(count)
         ts = np.empty(count)
         gather_s = prepare_s = 0.0
@@ -282,6 +296,8 @@ class Detector:
             size = part.stop - part.start
             gathered = self.buffers.gather(slots[part], n, out=buffer[:size])
             gathered_at = self._clock()
+            if self._stuck is not None and stuck is not None:
+                stuck[part] = self._stuck.update(slots[part], gathered.count, gathered.features)
             windows[part] = windows_from_features(gathered.features, params)
             if means is not None:
                 means[part] = means_of_features(
@@ -300,6 +316,7 @@ class Detector:
             ts=ts,
             windows=windows,
             means=means,
+            stuck=stuck,
         )
 
     def _infer(
@@ -342,6 +359,10 @@ class Detector:
         windows = chunk.windows
         output = np.asarray(inference.output).reshape(windows.shape)
         scores = score(windows, output, model.params)
+        groups = dict(scores.groups)
+        if chunk.stuck is not None:
+            for name, members in model.params.fault_groups.items():
+                groups[name] = groups[name] | chunk.stuck[:, list(members)].any(axis=1)
         wall_offset = self._wallclock() - self._clock()
         ts_ms = np.where(np.isnan(chunk.ts), (chunk.arrival + wall_offset) * 1000.0, chunk.ts)
         batch = VerdictBatch(
@@ -352,7 +373,8 @@ class Detector:
             version=model.version,
             scores=scores.scores,
             thresholds=model.params.thresholds,
-            anomalies=scores.groups,
+            anomalies=groups,
+            stuck=chunk.stuck,
         )
         published = self._publisher.submit(self._publish, batch, chunk.means)
         report.add_ms("score", self._clock() - started)

@@ -194,6 +194,15 @@ class AppSettings(EnvOverFileSettings):
             "about the device's core count."
         ),
     )
+    stuck_after_samples: int = Field(
+        200,
+        ge=0,
+        description=(
+            "A feature whose reading stays exactly the same for this many samples in a row "
+            "is a stuck sensor and raises its fault group (200: 10 s at 20 Hz; 0: off). "
+            "Wind, rotor speed and voltage reading exactly 0 are a machine at rest, not stuck."
+        ),
+    )
     capture_fraction: float = Field(
         0.0,
         ge=0,
@@ -255,6 +264,13 @@ class AppSettings(EnvOverFileSettings):
             raise ValueError(f"invalid turbine ids {bad[:5]}: expected {TURBINE_ID_PATTERN}")
         if len(set(value)) != len(value):
             raise ValueError("turbine ids must be distinct")
+        return value
+
+    @field_validator("stuck_after_samples")
+    @classmethod
+    def _flat_line(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("a flat line needs at least 2 samples (0 turns the check off)")
         return value
 
     @field_validator("log_level")

@@ -23,7 +23,14 @@ from edgeagent.client import AgentClient
 from edgeagent.package import Manifest
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, VerdictBatch
-from edgeapp.features import RAW_FIELDS, PreprocessingParams, feature_means, prepare_windows, score
+from edgeapp.features import (
+    FEATURES,
+    RAW_FIELDS,
+    PreprocessingParams,
+    feature_means,
+    prepare_windows,
+    score,
+)
 from edgeapp.model_follower import ModelClient, ModelFollower, ModelStatus
 
 
@@ -151,6 +158,53 @@ def test_only_turbines_with_new_samples_are_scored_again(
         assert len(sink.labels) == 3  # the label did not change: not sent again
     finally:
         detector.close()
+
+
+def test_a_stuck_sensor_raises_its_group_once_held_for_the_limit(
+    app_stack: Stack, detector_parts: tuple[TurbineBuffers, ModelFollower, Recorder]
+) -> None:
+    buffers, follower, sink = detector_parts
+    voltage = RAW_FIELDS.index("voltage")
+    live, stuck = raw_buffer(700, seed=1), raw_buffer(700, seed=2)
+    stuck[380:, voltage] = stuck[380, voltage]  # the voltage reading freezes at sample 380
+    fill(buffers, "live", live[:500], ts=1.0)
+    fill(buffers, "stuck", stuck[:500], ts=1.0)
+    detector = Detector(buffers=buffers, follower=follower, sink=sink, max_batch=256,
+                        stuck_after_samples=200)  # fmt: skip
+    raised: list[tuple[int, dict[str, dict[str, bool]]]] = []
+    try:
+        for count in range(500, 700, 10):
+            if count > 500:
+                for name, raw in (("live", live), ("stuck", stuck)):
+                    slot = buffers.find(name)
+                    assert slot is not None
+                    buffers.extend(slot, raw[count - 10 : count].tolist(), arrival=time.monotonic())
+            sink.batches.clear()
+            assert detector.tick().verdicts == 2
+            (batch,) = sink.batches
+            assert batch.stuck is not None
+            got = {t: {g: bool(v[i]) for g, v in batch.anomalies.items()}
+                   for i, t in enumerate(batch.turbines)}  # fmt: skip
+            stuck_fields = {t: [FEATURES[f] for f in np.flatnonzero(batch.stuck[i])]
+                            for i, t in enumerate(batch.turbines)}  # fmt: skip
+            held = count - 380
+            assert stuck_fields == {"live": [], "stuck": ["voltage"] if held >= 200 else []}
+            # the model's own verdict, and the flat line's on top of it
+            expected, _ = reference_scores(
+                app_stack.v1, np.stack([live, stuck])[:, count - 500 : count]
+            )
+            for turbine in batch.turbines:
+                want = expected.anomalies(["live", "stuck"].index(turbine))
+                if turbine == "stuck" and held >= 200:
+                    want["voltage"] = True
+                assert got[turbine] == want
+            if count == 580:  # the model alone does not see the frozen voltage here
+                assert not expected.anomalies(1)["voltage"]
+            raised.append((count, got))
+    finally:
+        detector.close()
+    first = next(c for c, got in raised if got["stuck"]["voltage"])
+    assert first == 580  # 200 samples held: 380..579
 
 
 def test_a_fraction_of_inputs_goes_to_capture(
