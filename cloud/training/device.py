@@ -37,11 +37,14 @@ from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, VerdictBatch
 from edgeapp.features import N_FEATURES
 from edgeapp.model_follower import ModelClient, ModelFollower, ModelStatus
+from edgeapp.settings import AppSettings
 
 __all__ = ["DevicePath", "StreamVerdicts", "device_path"]
 
 GROUPS = ("vibration", "rotation", "voltage")
 _START_TIMEOUT_S = 60.0
+STUCK_AFTER_SAMPLES: int = AppSettings.model_fields["stuck_after_samples"].default
+"""edge-app's flat-line check as a device runs it by default."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +56,9 @@ class StreamVerdicts:
     scores: NDArray[np.float64]
     """``(T, ticks, 6)``."""
     flags: NDArray[np.bool_]
-    """``(T, ticks, 3)`` fault groups raised, in ``GROUPS`` order."""
+    """``(T, ticks, 3)`` fault groups raised, in ``GROUPS`` order: the verdicts."""
+    model_flags: NDArray[np.bool_]
+    """``(T, ticks, 3)`` fault groups the model's scores alone raised (no flat-line check)."""
     thresholds: tuple[float, ...]
     infer_ms_per_window: float
     """Agent time per window, from the detector's own tick reports."""
@@ -88,8 +93,17 @@ class DevicePath:
         self.follower = follower
         self.agent_pid = agent_pid
 
-    def score_stream(self, raw: NDArray[np.float64], *, max_batch: int = 256) -> StreamVerdicts:
-        """Feed ``(T, n, 7)`` raw samples tick by tick; every tick's verdicts."""
+    def score_stream(
+        self,
+        raw: NDArray[np.float64],
+        *,
+        max_batch: int = 256,
+        stuck_after_samples: int = STUCK_AFTER_SAMPLES,
+    ) -> StreamVerdicts:
+        """Feed ``(T, n, 7)`` raw samples tick by tick; every tick's verdicts.
+
+        ``stuck_after_samples``: the detector's flat-line check, edge-app's default.
+        """
         turbines, n, _ = raw.shape
         state = self.follower.refresh()
         if state.status is not ModelStatus.LOADED or state.model is None:
@@ -102,11 +116,13 @@ class DevicePath:
         sink = _Recorder()
         detector = Detector(
             buffers=buffers, follower=self.follower, sink=sink, max_batch=max_batch,
-            dashboard_period_s=1e9,
+            dashboard_period_s=1e9, stuck_after_samples=stuck_after_samples,
         )  # fmt: skip
         ends = tick_ends(n, params)
         scores = np.full((turbines, len(ends), N_FEATURES), np.nan)
         flags = np.zeros((turbines, len(ends), len(GROUPS)), dtype=bool)
+        model_flags = np.zeros_like(flags)
+        above = np.asarray(params.thresholds)
         infer_ms = 0.0
         windows = 0
         written = 0
@@ -130,12 +146,17 @@ class DevicePath:
                     scores[index, tick] = batch.scores
                     for g, group in enumerate(GROUPS):
                         flags[index, tick, g] = batch.anomalies[group]
+                        members = list(params.fault_groups[group])
+                        model_flags[index, tick, g] = (
+                            batch.scores[:, members] > above[members]
+                        ).any(axis=1)
         finally:
             detector.close()
         return StreamVerdicts(
             tick_end=ends,
             scores=scores,
             flags=flags,
+            model_flags=model_flags,
             thresholds=params.thresholds,
             infer_ms_per_window=infer_ms / max(1, windows),
         )

@@ -19,6 +19,11 @@ Definitions (the numbers in the report):
   normal farm that raise any group;
 - the confusion row of a fault is the fraction of post-onset ticks (all
   observed ticks after onset) raising each group, and raising none.
+
+The verdicts are the device's: the model's scores, and edge-app's flat-line
+check (``edgeapp.stuck``, on by default) raising the group of a feature whose
+reading has not changed for ``stuck_after_samples``. The detection and
+false-positive rates of the model's scores alone are kept beside them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from cloud.training.device import GROUPS, StreamVerdicts, device_path
+from cloud.training.device import GROUPS, STUCK_AFTER_SAMPLES, StreamVerdicts, device_path
 
 __all__ = ["FaultCase", "EvalConfig", "PackageEvaluation", "evaluate_package", "CASES", "SWEEPS"]
 
@@ -106,10 +111,15 @@ class CaseResult:
     seconds: NDArray[np.float64]  # (K,) onset -> first correct verdict (NaN: never)
     confusion: NDArray[np.float64]  # (4,) fraction of post-onset ticks: GROUPS..., none
     fault_scores: NDArray[np.float64]  # (K * post ticks, 6)
+    model_detected: NDArray[np.bool_]  # (K,) within the deadline by the model's scores alone
 
     @property
     def rate(self) -> float:
         return float(self.detected.mean())
+
+    @property
+    def model_rate(self) -> float:
+        return float(self.model_detected.mean())
 
 
 @dataclass
@@ -127,6 +137,10 @@ class PackageEvaluation:
     sweeps: dict[str, list[tuple[float, float]]]  # kind -> [(intensity, rate)]
     infer_ms_per_window: float
     seconds: float
+    model_false_positive_rate: float = math.nan
+    """The normal farm's ticks the model's scores alone flagged."""
+    stuck_after_samples: int = 0
+    """The flat-line check the verdicts include (0: none)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +160,16 @@ def _fault_stream(
     return np.concatenate([before, after], axis=1), onset
 
 
+def _first_correct(
+    flags: NDArray[np.bool_], case: FaultCase
+) -> tuple[NDArray[np.bool_], NDArray[np.intp], NDArray[np.bool_]]:
+    """Of ``(K, post ticks, 3)`` flags: raised at all, first tick, within the deadline."""
+    correct = flags[..., GROUPS.index(case.expected)]
+    hit: NDArray[np.bool_] = np.asarray(correct.any(axis=1))
+    at: NDArray[np.intp] = np.asarray(np.argmax(correct, axis=1), dtype=np.intp)
+    return hit, at, hit & (at < case.deadline_ticks)
+
+
 def _case_results(
     cases: Sequence[FaultCase], verdicts: StreamVerdicts, onset: int, k: int
 ) -> list[CaseResult]:
@@ -154,12 +178,8 @@ def _case_results(
     out = []
     for i, case in enumerate(cases):
         rows = slice(i * k, (i + 1) * k)
-        g = GROUPS.index(case.expected)
-        correct = verdicts.flags[rows, first:, g]  # (K, post ticks)
-        hit = correct.any(axis=1)
-        at = np.argmax(correct, axis=1)
+        hit, at, detected = _first_correct(verdicts.flags[rows, first:], case)
         seconds = np.where(hit, (verdicts.tick_end[first + at] - onset) / RATE_HZ, np.nan)
-        detected = hit & (at < case.deadline_ticks)
         flags = verdicts.flags[rows, first:]
         confusion = np.array([*flags.mean(axis=(0, 1)), (~flags.any(axis=-1)).mean()])
         out.append(
@@ -169,6 +189,7 @@ def _case_results(
                 seconds=seconds,
                 confusion=confusion,
                 fault_scores=verdicts.scores[rows, first:].reshape(-1, 6),
+                model_detected=_first_correct(verdicts.model_flags[rows, first:], case)[2],
             )
         )
     return out
@@ -225,6 +246,8 @@ def evaluate_package(
         sweeps=sweeps,
         infer_ms_per_window=normal.infer_ms_per_window,
         seconds=time.monotonic() - started,
+        model_false_positive_rate=float(normal.model_flags.any(axis=-1).mean()),
+        stuck_after_samples=STUCK_AFTER_SAMPLES,
     )
 
 

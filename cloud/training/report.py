@@ -8,6 +8,7 @@ against the thresholds, and the confusion between fault groups.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,27 @@ def _seconds(values: NDArray[np.float64]) -> str:
     if not len(finite):
         return "-"
     return f"{np.median(finite):.1f} / {np.max(finite):.1f}"
+
+
+def _model_alone(model: float, verdicts: float, digits: int = 0) -> str:
+    """``<br>model alone: x%`` where the flat-line check changed the figure."""
+    if math.isnan(model) or round(model, digits + 2) == round(verdicts, digits + 2):
+        return ""
+    return f"<br>model alone: {100 * model:.{digits}f}%"
+
+
+def _stuck_lines(evaluations: Sequence[PackageEvaluation]) -> list[str]:
+    after = {e.stuck_after_samples for e in evaluations}
+    if after == {0}:
+        return ["- Verdicts: the model's scores alone (edge-app's flat-line check off)."]
+    samples = ", ".join(str(a) for a in sorted(after))
+    return [
+        "- Verdicts: the model's scores, and edge-app's flat-line check (on by default,",
+        f"  `stuck_after_samples` = {samples}): a feature whose reading has not changed for",
+        "  that many samples raises its group (wind, rotor speed and voltage reading",
+        "  exactly 0 exempt: a machine at rest). Where it changes a figure, the model's",
+        '  scores alone are given beside it ("model alone").',
+    ]
 
 
 def write_report(
@@ -118,6 +140,7 @@ def write_report(
         "  tick 2 on they are in the window; with step 1 (`wind-turbine-relational`) 9 of",
         "  them are in the window at tick 1.",
         "- False positives: (turbine, tick) verdicts of the normal farm raising any group.",
+        *_stuck_lines(evaluations),
         "- Cost: multiply-adds counted from the ONNX graph; microseconds per window from",
         "  ONNX Runtime in this process on one thread (a shared machine's load moves them);",
         "  the agent's time per window is the detector's own `infer` stage in the runs above.",
@@ -139,6 +162,7 @@ def write_report(
         + " | ".join(
             f"{100 * e.false_positive_rate:.3f}% of {e.normal_ticks} "
             + ("(met)" if e.false_positive_rate <= FP_TARGET else "(**not met**)")
+            + _model_alone(e.model_false_positive_rate, e.false_positive_rate, digits=3)
             for e in evaluations
         )
         + " |",
@@ -163,7 +187,10 @@ def write_report(
             result = e.cases[i]
             target = 1.0 if case.gross else SUBTLE_TARGET
             verdict = "met" if result.rate >= target else "**not met**"
-            cells.append(f"{fmt_rate(result.rate)} ({verdict}); {_seconds(result.seconds)} s")
+            cells.append(
+                f"{fmt_rate(result.rate)} ({verdict}); {_seconds(result.seconds)} s"
+                + _model_alone(result.model_rate, result.rate)
+            )
         lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -51,6 +51,15 @@ def test_evaluation_through_the_device_path_writes_the_report(tmp_path: Path) ->
     assert np.all(vibration.seconds <= 1.0)
     assert vibration.confusion[0] > 0.9  # the vibration group raised on post-onset ticks
     assert set(result.sweeps) == set(SWEEPS)
+    # stuck sensors: edge-app's flat-line check raises the group 200 samples (10 s)
+    # after the reading froze; the model's own verdicts are kept beside
+    assert result.stuck_after_samples == 200
+    for label in ("stuck rps", "stuck wind", "stuck voltage", "stuck IMU"):
+        stuck = by_label[label]
+        assert stuck.rate == 1.0, label
+        assert np.all(stuck.seconds <= 10.0), (label, stuck.seconds)
+        assert stuck.model_detected.shape == stuck.detected.shape
+    assert result.model_false_positive_rate == result.false_positive_rate
     out = write_report(
         [result],
         [ModelCost(multiply_adds=17_290_752, us_batch1=300.0, us_batch256=250.0)],
@@ -62,6 +71,7 @@ def test_evaluation_through_the_device_path_writes_the_report(tmp_path: Path) ->
     for case in CASES:
         assert case.label in text
     assert "17.29 M" in text and "false positives" in text
+    assert "flat-line check" in text and "`stuck_after_samples` = 200" in text
     for name in ("detection", "time-to-detection", "intensity-sweeps", "confusion",
                  "scores-wind-turbine-1.0"):  # fmt: skip
         png = tmp_path / "docs" / "model-report" / f"{name}.png"
