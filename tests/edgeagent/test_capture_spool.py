@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,6 +241,49 @@ def test_full_spool_refuses_new_captures(spools: list[CaptureSpool], spool_dir: 
     spool2, book2 = open_spool(spools, spool_dir.parent / "other", by_bytes)
     with pytest.raises(ResourceExhaustedError, match="bytes"):
         put(spool2, book2, request(aux=b"x" * 2 * 1024 * 1024))
+
+
+def test_a_stalled_disk_refuses_past_max_unsynced_and_loses_nothing_acknowledged(
+    spools: list[CaptureSpool], spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # acknowledged once queued: at most max_unsynced captures wait for a disk that stalls
+    config = SpoolConfig(device_id="d", fleet_name="f", sync_ack=False, max_unsynced=4,
+                         commit_window=0.0)  # fmt: skip
+    spool, book = open_spool(spools, spool_dir, config)
+    stalled, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        stalled.set()
+        assert release.wait(30)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr("edgeagent.capture.spool.os.fdatasync", slow_fdatasync)
+    spool.start()
+    first = request()
+    put(spool, book, first)
+    assert stalled.wait(10)  # the writer is in its flush with the first capture
+    queued = [request() for _ in range(4)]
+    for req in queued:
+        put(spool, book, req)
+    behind = re.escape("writer behind (4 captures not on disk)")
+    with pytest.raises(ResourceExhaustedError, match=behind):
+        put(spool, book, request())
+    assert spool.counters()["dropped"] == 1
+    release.set()
+    acknowledged = {r.capture_id for r in [first, *queued]}
+    ids: set[str] = set()
+    deadline = time.monotonic() + 10
+    while ids != acknowledged and time.monotonic() < deadline:  # as the uploader takes them
+        spool.flush()
+        segment = spool.next_sealed()
+        if segment is None:
+            time.sleep(0.01)
+            continue
+        ids |= {e.capture_id for e in spool.read(segment).entries}
+        spool.complete(segment)
+    assert ids == acknowledged  # every acknowledged capture, none of the refused
+    put(spool, book, request())  # the disk caught up: accepted again
 
 
 def test_sync_ack_returns_once_the_record_is_on_disk(
