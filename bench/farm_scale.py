@@ -510,10 +510,11 @@ class FarmResult:
 
 def run_farm(
     n: int, *, port: int, agent_socket: Path, agent_pid: int, broker_pid: int, seconds: float,
-    tmp: Path, max_batch: int,
+    tmp: Path, max_batch: int, stuck_after_samples: int | None = None,
 ) -> FarmResult:  # fmt: skip
     result = FarmResult(turbines=n)
-    app = start_app(tmp, f"app-{n}", port, agent_socket, n, max_batch=max_batch)
+    extra = {} if stuck_after_samples is None else {"stuck_after_samples": stuck_after_samples}
+    app = start_app(tmp, f"app-{n}", port, agent_socket, n, max_batch=max_batch, **extra)
     sensors_out, listener_out = tmp / f"sensors-{n}.json", tmp / f"listener-{n}.npy"
     listener = role("listener", port, n, listener_out, tmp)
     sensors: Child | None = None
@@ -831,6 +832,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0, help="stop trying sizes after")
     parser.add_argument("--no-costs", action="store_true", help="skip the per-item costs")
     parser.add_argument(
+        "--stuck-after-samples",
+        type=int,
+        help="the app's flat-line check (default: the app's own, 200; 0: off)",
+    )
+    parser.add_argument(
         "--package",
         type=Path,
         default=PACKAGE,
@@ -888,6 +894,7 @@ def main() -> None:
                     seconds=seconds,
                     tmp=tmp,
                     max_batch=args.max_batch,
+                    stuck_after_samples=args.stuck_after_samples,
                 )
                 results.append(result)
                 print_result(result)
