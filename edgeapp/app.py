@@ -130,6 +130,8 @@ class App:
             dashboard_period_s=settings.dashboard_period_s,
             dashboard_samples=settings.dashboard_samples,
             stuck_after_samples=settings.stuck_after_samples,
+            relation_learn_samples=settings.relation_learn_samples,
+            relation_tolerances=(settings.generator_tolerance, settings.power_curve_tolerance),
         )
         self.tick_errors = 0
         self.overruns = 0

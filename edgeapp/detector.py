@@ -11,7 +11,10 @@ At each tick (``tick_period_s``, 2 Hz by default) the detector
    the reconstruction and hands the verdicts (and, once per
    ``dashboard_period_s``, the feature means) to the sink. With
    ``stuck_after_samples`` set, a feature whose reading has not changed for
-   that many samples (``edgeapp.stuck``) raises its fault group too.
+   that many samples (``edgeapp.stuck``) raises its fault group too; with
+   ``relation_learn_samples`` set, so does an effect (voltage, rotor speed)
+   departed from the turbine's own learned relation to its cause
+   (``edgeapp.relations``).
 
 Inference runs on ``max_inflight`` worker threads (2 by default): the agent
 works on chunks k and k+1 at once (its sessions run requests concurrently, one
@@ -55,6 +58,7 @@ from edgeagent.errors import AgentError
 from edgeapp.buffers import TurbineBuffers
 from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
+from edgeapp.relations import Relations
 from edgeapp.stuck import StuckSensors
 
 __all__ = ["Detector", "TickReport", "VerdictBatch", "VerdictSink"]
@@ -88,6 +92,9 @@ class VerdictBatch:
     of the group found stuck."""
     stuck: NDArray[np.bool_] | None = None
     """``(T, 6)`` features found stuck (``edgeapp.stuck``); None when the check is off."""
+    departed: NDArray[np.bool_] | None = None
+    """``(T, 6)`` features departed from the turbine's learned relation
+    (``edgeapp.relations``); None when the check is off."""
 
 
 class VerdictSink(Protocol):
@@ -135,6 +142,7 @@ class _Chunk:
     windows: NDArray[np.float32]  # (T, W, 6, side, side)
     means: NDArray[np.float64] | None  # (T, 6) when the dashboard is due
     stuck: NDArray[np.bool_] | None  # (T, 6) when the flat-line check is on
+    departed: NDArray[np.bool_] | None  # (T, 6) when the relation check is on
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,6 +174,8 @@ class Detector:
         wallclock: Callable[[], float] = time.time,
         seed: int | None = None,
         stuck_after_samples: int = 0,
+        relation_learn_samples: int = 0,
+        relation_tolerances: Sequence[float] = (0.05, 0.08),
     ) -> None:
         self.buffers = buffers
         self.follower = follower
@@ -186,6 +196,11 @@ class Detector:
         self._stuck = (
             StuckSensors(buffers.max_turbines, stuck_after_samples)
             if stuck_after_samples > 0
+            else None
+        )
+        self._relations = (
+            Relations(buffers.max_turbines, relation_learn_samples, relation_tolerances)
+            if relation_learn_samples > 0
             else None
         )
         self._next_dashboard = -math.inf
@@ -287,6 +302,10 @@ class Detector:
         windows = np.empty((count, params.n_windows, *params.input_shape), dtype=np.float32)
         means = np.empty((count, N_FEATURES)) if dashboard else None
         stuck = np.empty((count, N_FEATURES), dtype=bool) if self._stuck is not None else None
+        departed = (
+            np.empty((count, N_FEATURES), dtype=bool) if self._relations is not None else None
+        )
+        turbines = [ids[s] or "" for s in slots]  # ready slots are held: never None
         arrival = np.empty(count)
         ts = np.empty(count)
         gather_s = prepare_s = 0.0
@@ -298,6 +317,10 @@ class Detector:
             gathered_at = self._clock()
             if self._stuck is not None and stuck is not None:
                 stuck[part] = self._stuck.update(slots[part], gathered.count, gathered.features)
+            if self._relations is not None and departed is not None:
+                departed[part] = self._relations.update(
+                    slots[part], turbines[part], gathered.count, gathered.features
+                )
             windows[part] = windows_from_features(gathered.features, params)
             if means is not None:
                 means[part] = means_of_features(
@@ -311,12 +334,13 @@ class Detector:
         report.add_ms("prepare", prepare_s)
         return _Chunk(
             slots=slots,
-            turbines=[ids[s] or "" for s in slots],  # ready slots are held: never None
+            turbines=turbines,
             arrival=arrival,
             ts=ts,
             windows=windows,
             means=means,
             stuck=stuck,
+            departed=departed,
         )
 
     def _infer(
@@ -360,9 +384,11 @@ class Detector:
         output = np.asarray(inference.output).reshape(windows.shape)
         scores = score(windows, output, model.params)
         groups = dict(scores.groups)
-        if chunk.stuck is not None:
+        for checked in (chunk.stuck, chunk.departed):
+            if checked is None:
+                continue
             for name, members in model.params.fault_groups.items():
-                groups[name] = groups[name] | chunk.stuck[:, list(members)].any(axis=1)
+                groups[name] = groups[name] | checked[:, list(members)].any(axis=1)
         wall_offset = self._wallclock() - self._clock()
         ts_ms = np.where(np.isnan(chunk.ts), (chunk.arrival + wall_offset) * 1000.0, chunk.ts)
         batch = VerdictBatch(
@@ -375,6 +401,7 @@ class Detector:
             thresholds=model.params.thresholds,
             anomalies=groups,
             stuck=chunk.stuck,
+            departed=chunk.departed,
         )
         published = self._publisher.submit(self._publish, batch, chunk.means)
         report.add_ms("score", self._clock() - started)

@@ -203,6 +203,30 @@ class AppSettings(EnvOverFileSettings):
             "Wind, rotor speed and voltage reading exactly 0 are a machine at rest, not stuck."
         ),
     )
+    relation_learn_samples: int = Field(
+        12_000,
+        ge=0,
+        description=(
+            "Each turbine's voltage per rotor speed and rotor speed per wind are learned from "
+            "its first samples (12,000: 10 min at 20 Hz); then a departure beyond "
+            "generator_tolerance or power_curve_tolerance raises the voltage or rotation "
+            "group (0: off)."
+        ),
+    )
+    generator_tolerance: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Relative departure of the voltage from the turbine's learned line that "
+        "is a fault (a weak generator).",
+    )
+    power_curve_tolerance: float = Field(
+        0.08,
+        gt=0,
+        lt=1,
+        description="Relative departure of the rotor speed from the turbine's learned line "
+        "that is a fault (a dragging brake).",
+    )
     capture_fraction: float = Field(
         0.0,
         ge=0,

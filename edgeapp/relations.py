@@ -1,0 +1,185 @@
+"""Relation check: each turbine's own physics, learned, then held to.
+
+Two readings of a turbine follow one another: the generator's voltage its
+rotor speed, the rotor speed the wind. How closely depends on the turbine
+(its generator constant, its power curve), and fleet-wide thresholds must
+cover the healthy turbines furthest from the fleet: a generator 15% weak or
+a rotor 20% slow hides inside that spread. This check learns each turbine's
+own line instead and flags a departure from it.
+
+Per turbine and relation (``RELATIONS``: voltage on rotor speed, rotor
+speed on wind), every look takes the means of both readings over the newest
+``WINDOW`` samples (20 s at 20 Hz: gusts, inertia and sensor noise average
+out). For the first ``learn`` samples a turbine sends, those means fit a
+straight line (least squares, kept as running sums); then the line is frozen
+with the range of the means it saw. From then on, a look whose mean of the
+cause is inside that range and whose expected effect is at least half the
+learned average is scored: the effect's relative departure from the line.
+Beyond its tolerance (voltage 5%, rotor speed 8%: the rotor's inertia and
+the gusts leave more spread) for ``PERSIST`` scored looks in a row, the
+effect's feature is flagged, and the detector raises its group. Outside the learned
+range nothing is said: the line is not extrapolated.
+
+What it cannot know: a fault present while it learns is learned as normal,
+and a restart of the daemon learns again (the baseline lives in memory). A
+turbine whose slot goes to another turbine starts over.
+
+Transport-free and vectorised over a chunk of turbines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgeapp.features import FEATURES, N_FEATURES
+
+__all__ = ["PERSIST", "RELATIONS", "WINDOW", "Relations"]
+
+RELATIONS: tuple[tuple[int, int, float], ...] = (
+    (FEATURES.index("rps"), FEATURES.index("voltage"), 0.2),  # the generator
+    (FEATURES.index("wind_speed_rps"), FEATURES.index("rps"), 0.1),  # the rotor's power curve
+)
+"""(cause, effect, steadiness) per relation, in the order of ``Relations``'s
+tolerances: the effect's feature is flagged; a window is
+learned from or scored only when the cause's standard deviation in it is at most
+``steadiness`` times its mean (a rotor starting, stopping or parking in the window, a
+gusty spell the rotor's inertia lags behind: the line does not hold there)."""
+WINDOW = 400
+"""Samples averaged per look (20 s at 20 Hz)."""
+PERSIST = 4
+"""Looks in a row beyond the tolerance before a feature is flagged."""
+_MIN_LOOKS = 20  # a line needs this many looks to be fitted
+
+
+class Relations:
+    """Per turbine slot: the learned lines, their ranges, and how long each was departed from."""
+
+    def __init__(self, max_turbines: int, learn: int, tolerances: Sequence[float]) -> None:
+        if learn < 1 or len(tolerances) != len(RELATIONS):
+            raise ValueError(f"learn must be >= 1 sample, with {len(RELATIONS)} tolerances")
+        if not all(0 < t < 1 for t in tolerances):
+            raise ValueError("tolerances must be within (0, 1)")
+        self.learn = learn
+        self.tolerance = np.array(tolerances, dtype=np.float64)
+        r = len(RELATIONS)
+        self._cause = np.array([c for c, _, _ in RELATIONS])
+        self._effect = np.array([e for _, e, _ in RELATIONS])
+        self._steadiness = np.array([s for _, _, s in RELATIONS])
+        self._first = int(min(self._cause.min(), self._effect.min()))
+        self._last = int(max(self._cause.max(), self._effect.max()))
+        self._ids: list[str | None] = [None] * max_turbines
+        self._count = np.full(max_turbines, -1, dtype=np.int64)
+        self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
+        self._sums = np.zeros((max_turbines, r, 5))  # looks, x, y, xx, xy
+        self._lo = np.full((max_turbines, r), np.inf)
+        self._hi = np.full((max_turbines, r), -np.inf)
+        self._line = np.full((max_turbines, r, 2), np.nan)  # slope, intercept; NaN: learning
+        self._floor = np.zeros((max_turbines, r))  # half the learned mean effect
+        self._over = np.zeros((max_turbines, r), dtype=np.int64)
+
+    def learned(self, slots: NDArray[np.intp]) -> NDArray[np.bool_]:
+        """``(T, relations)``: which lines are fitted (learning is over)."""
+        ready: NDArray[np.bool_] = ~np.isnan(self._line[slots, :, 0])
+        return ready
+
+    def update(
+        self,
+        slots: NDArray[np.intp],
+        ids: Sequence[str],
+        counts: NDArray[np.int64],
+        features: NDArray[np.float32],
+    ) -> NDArray[np.bool_]:
+        """Look at the newest samples of some turbines; ``(T, 6)`` effects departed from
+        their line.
+
+        ``features`` is ``(T, n, 6)``, oldest first; ``counts`` how many samples each
+        slot had received then; ``ids`` the turbines in those slots.
+        """
+        self._forget_others(slots, ids)
+        # the features the relations use are adjacent (wind, rps, voltage): one slice
+        used = slice(self._first, self._last + 1)
+        window = features[:, -min(WINDOW, features.shape[1]) :, used]
+        sums = window.sum(axis=1, dtype=np.float64)  # (T, used)
+        squares = np.einsum("tnf,tnf->tf", window, window, dtype=np.float64)
+        size = window.shape[1]
+        means = sums / size
+        x, y = means[:, self._cause - self._first], means[:, self._effect - self._first]
+        variance = squares[:, self._cause - self._first] / size - x * x
+        steady = variance <= (self._steadiness * x) ** 2
+        before = self._count[slots]
+        arrived = np.where(before >= 0, np.maximum(counts - before, 0), size)
+        self._count[slots] = counts
+        learning = np.isnan(self._line[slots, :, 0])  # (T, relations)
+        if learning.any():
+            self._learn(slots, learning=learning, steady=steady, x=x, y=y, arrived=arrived)
+        line = self._line[slots]
+        expected = line[..., 0] * x + line[..., 1]
+        floor = self._floor[slots]
+        scored = (
+            steady
+            & ~np.isnan(expected)
+            & (x >= self._lo[slots])
+            & (x <= self._hi[slots])
+            & (expected >= floor)
+            & (floor > 0)
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            departure = np.abs(y - expected) / expected
+        beyond = scored & (departure > self.tolerance)
+        over = np.where(beyond, self._over[slots] + 1, np.where(scored, 0, self._over[slots]))
+        self._over[slots] = over
+        flagged = np.zeros((len(slots), N_FEATURES), dtype=bool)
+        for r, effect in enumerate(self._effect):
+            flagged[:, effect] |= over[:, r] >= PERSIST
+        return flagged
+
+    def _forget_others(self, slots: NDArray[np.intp], ids: Sequence[str]) -> None:
+        """A slot now holding another turbine starts from nothing."""
+        for slot, turbine in zip(slots.tolist(), ids, strict=True):
+            if self._ids[slot] != turbine:
+                self._ids[slot] = turbine
+                self._count[slot] = -1
+                self._learned[slot] = 0
+                self._sums[slot] = 0.0
+                self._lo[slot] = np.inf
+                self._hi[slot] = -np.inf
+                self._line[slot] = np.nan
+                self._floor[slot] = 0.0
+                self._over[slot] = 0
+
+    def _learn(
+        self,
+        slots: NDArray[np.intp],
+        *,
+        learning: NDArray[np.bool_],
+        steady: NDArray[np.bool_],
+        x: NDArray[np.float64],
+        y: NDArray[np.float64],
+        arrived: NDArray[np.int64],
+    ) -> None:
+        rows = np.flatnonzero(learning.any(axis=1))
+        at = slots[rows]
+        take = learning[rows] & steady[rows]
+        add = np.stack([np.ones_like(x[rows]), x[rows], y[rows], x[rows] ** 2, x[rows] * y[rows]])
+        self._sums[at] += np.moveaxis(add, 0, -1) * take[..., None]
+        self._lo[at] = np.where(take, np.minimum(self._lo[at], x[rows]), self._lo[at])
+        self._hi[at] = np.where(take, np.maximum(self._hi[at], x[rows]), self._hi[at])
+        self._learned[at] += arrived[rows]
+        done = at[self._learned[at] >= self.learn]
+        if not len(done):
+            return
+        n, sx, sy, sxx, sxy = np.moveaxis(self._sums[done], -1, 0)
+        var = n * sxx - sx * sx
+        fit = (n >= _MIN_LOOKS) & (var > 1e-12 * np.maximum(n * sxx, 1e-300))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(fit, (n * sxy - sx * sy) / var, 0.0)
+            mean_y = sy / np.maximum(n, 1)
+            intercept = np.where(fit, mean_y - slope * sx / np.maximum(n, 1), mean_y)
+        # too few looks to fit: keep learning; a cause that never moved: the mean effect
+        ok = n >= _MIN_LOOKS
+        line = np.stack([slope, intercept], axis=-1)
+        self._line[done] = np.where(ok[..., None], line, np.nan)
+        self._floor[done] = np.where(ok, 0.5 * mean_y, 0.0)
