@@ -43,8 +43,15 @@ __all__ = ["DevicePath", "StreamVerdicts", "device_path"]
 
 GROUPS = ("vibration", "rotation", "voltage")
 _START_TIMEOUT_S = 60.0
-STUCK_AFTER_SAMPLES: int = AppSettings.model_fields["stuck_after_samples"].default
+_APP = AppSettings.model_fields
+STUCK_AFTER_SAMPLES: int = _APP["stuck_after_samples"].default
 """edge-app's flat-line check as a device runs it by default."""
+RELATION_LEARN_SAMPLES: int = _APP["relation_learn_samples"].default
+"""edge-app's relation check as a device runs it by default: samples learned from."""
+RELATION_TOLERANCES: tuple[float, float] = (
+    _APP["generator_tolerance"].default,
+    _APP["power_curve_tolerance"].default,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +65,8 @@ class StreamVerdicts:
     flags: NDArray[np.bool_]
     """``(T, ticks, 3)`` fault groups raised, in ``GROUPS`` order: the verdicts."""
     model_flags: NDArray[np.bool_]
-    """``(T, ticks, 3)`` fault groups the model's scores alone raised (no flat-line check)."""
+    """``(T, ticks, 3)`` fault groups the model's scores alone raised (no flat-line or
+    relation check)."""
     thresholds: tuple[float, ...]
     infer_ms_per_window: float
     """Agent time per window, from the detector's own tick reports."""
@@ -99,10 +107,12 @@ class DevicePath:
         *,
         max_batch: int = 256,
         stuck_after_samples: int = STUCK_AFTER_SAMPLES,
+        relation_learn_samples: int = RELATION_LEARN_SAMPLES,
     ) -> StreamVerdicts:
         """Feed ``(T, n, 7)`` raw samples tick by tick; every tick's verdicts.
 
-        ``stuck_after_samples``: the detector's flat-line check, edge-app's default.
+        ``stuck_after_samples``, ``relation_learn_samples``: the detector's flat-line
+        and relation checks, edge-app's defaults.
         """
         turbines, n, _ = raw.shape
         state = self.follower.refresh()
@@ -117,6 +127,7 @@ class DevicePath:
         detector = Detector(
             buffers=buffers, follower=self.follower, sink=sink, max_batch=max_batch,
             dashboard_period_s=1e9, stuck_after_samples=stuck_after_samples,
+            relation_learn_samples=relation_learn_samples, relation_tolerances=RELATION_TOLERANCES,
         )  # fmt: skip
         ends = tick_ends(n, params)
         scores = np.full((turbines, len(ends), N_FEATURES), np.nan)
