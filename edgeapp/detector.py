@@ -14,7 +14,8 @@ At each tick (``tick_period_s``, 2 Hz by default) the detector
    that many samples (``edgeapp.stuck``) raises its fault group too; with
    ``relation_learn_samples`` set, so does an effect (voltage, rotor speed)
    departed from the turbine's own learned relation to its cause
-   (``edgeapp.relations``).
+   (``edgeapp.relations``). Both are ``edgeapp.checks.SensorCheck``: they see
+   the samples gathered for the model, one part of turbines at a time.
 
 Inference runs on ``max_inflight`` worker threads (2 by default): the agent
 works on chunks k and k+1 at once (its sessions run requests concurrently, one
@@ -56,6 +57,7 @@ from numpy.typing import NDArray
 from edgeagent.capture import AuxEncoding
 from edgeagent.errors import AgentError
 from edgeapp.buffers import TurbineBuffers
+from edgeapp.checks import SensorCheck
 from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
 from edgeapp.relations import Relations
@@ -88,13 +90,12 @@ class VerdictBatch:
     """``(T, 6)`` mean absolute reconstruction error per feature."""
     thresholds: tuple[float, ...]
     anomalies: Mapping[str, NDArray[np.bool_]]
-    """Fault group -> ``(T,)`` raised or not: by the model's scores, or by a feature
-    of the group found stuck."""
-    stuck: NDArray[np.bool_] | None = None
-    """``(T, 6)`` features found stuck (``edgeapp.stuck``); None when the check is off."""
-    departed: NDArray[np.bool_] | None = None
-    """``(T, 6)`` features departed from the turbine's learned relation
-    (``edgeapp.relations``); None when the check is off."""
+    """Fault group -> ``(T,)`` raised or not: by the model's scores, or by a feature of
+    the group that a check beside the model flagged (``edgeapp.checks``)."""
+    model_anomalies: Mapping[str, NDArray[np.bool_]] | None = None
+    """The groups the model's scores alone raised (None: the same as ``anomalies``)."""
+    checked: NDArray[np.bool_] | None = None
+    """``(T, 6)`` features the checks flagged; None when no check runs."""
 
 
 class VerdictSink(Protocol):
@@ -141,8 +142,7 @@ class _Chunk:
     ts: NDArray[np.float64]  # (T,) its own ts (epoch ms) or NaN
     windows: NDArray[np.float32]  # (T, W, 6, side, side)
     means: NDArray[np.float64] | None  # (T, 6) when the dashboard is due
-    stuck: NDArray[np.bool_] | None  # (T, 6) when the flat-line check is on
-    departed: NDArray[np.bool_] | None  # (T, 6) when the relation check is on
+    checked: NDArray[np.bool_] | None  # (T, 6) features flagged, when checks run
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,16 +193,13 @@ class Detector:
         )
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeapp-publish")
         self._scored = np.full(buffers.max_turbines, -math.inf)
-        self._stuck = (
-            StuckSensors(buffers.max_turbines, stuck_after_samples)
-            if stuck_after_samples > 0
-            else None
-        )
-        self._relations = (
-            Relations(buffers.max_turbines, relation_learn_samples, relation_tolerances)
-            if relation_learn_samples > 0
-            else None
-        )
+        self._checks: list[SensorCheck] = []
+        if stuck_after_samples > 0:
+            self._checks.append(StuckSensors(buffers.max_turbines, stuck_after_samples))
+        if relation_learn_samples > 0:
+            self._checks.append(
+                Relations(buffers.max_turbines, relation_learn_samples, relation_tolerances)
+            )
         self._next_dashboard = -math.inf
         self._label: str | None = None
         self._gathered: NDArray[np.float32] | None = None  # reused gather buffer
@@ -301,10 +298,7 @@ class Detector:
             buffer = self._gathered = np.empty((_GATHER_TURBINES, n, N_FEATURES), np.float32)
         windows = np.empty((count, params.n_windows, *params.input_shape), dtype=np.float32)
         means = np.empty((count, N_FEATURES)) if dashboard else None
-        stuck = np.empty((count, N_FEATURES), dtype=bool) if self._stuck is not None else None
-        departed = (
-            np.empty((count, N_FEATURES), dtype=bool) if self._relations is not None else None
-        )
+        checked = np.zeros((count, N_FEATURES), dtype=bool) if self._checks else None
         turbines = [ids[s] or "" for s in slots]  # ready slots are held: never None
         arrival = np.empty(count)
         ts = np.empty(count)
@@ -315,12 +309,11 @@ class Detector:
             size = part.stop - part.start
             gathered = self.buffers.gather(slots[part], n, out=buffer[:size])
             gathered_at = self._clock()
-            if self._stuck is not None and stuck is not None:
-                stuck[part] = self._stuck.update(slots[part], gathered.count, gathered.features)
-            if self._relations is not None and departed is not None:
-                departed[part] = self._relations.update(
-                    slots[part], turbines[part], gathered.count, gathered.features
-                )
+            if checked is not None:
+                for check in self._checks:
+                    checked[part] |= check.update(
+                        slots[part], turbines[part], gathered.count, gathered.features
+                    )
             windows[part] = windows_from_features(gathered.features, params)
             if means is not None:
                 means[part] = means_of_features(
@@ -339,8 +332,7 @@ class Detector:
             ts=ts,
             windows=windows,
             means=means,
-            stuck=stuck,
-            departed=departed,
+            checked=checked,
         )
 
     def _infer(
@@ -383,12 +375,12 @@ class Detector:
         windows = chunk.windows
         output = np.asarray(inference.output).reshape(windows.shape)
         scores = score(windows, output, model.params)
-        groups = dict(scores.groups)
-        for checked in (chunk.stuck, chunk.departed):
-            if checked is None:
-                continue
-            for name, members in model.params.fault_groups.items():
-                groups[name] = groups[name] | checked[:, list(members)].any(axis=1)
+        groups = scores.groups
+        if chunk.checked is not None:
+            groups = {
+                name: raised | chunk.checked[:, list(model.params.fault_groups[name])].any(axis=1)
+                for name, raised in scores.groups.items()
+            }
         wall_offset = self._wallclock() - self._clock()
         ts_ms = np.where(np.isnan(chunk.ts), (chunk.arrival + wall_offset) * 1000.0, chunk.ts)
         batch = VerdictBatch(
@@ -400,8 +392,8 @@ class Detector:
             scores=scores.scores,
             thresholds=model.params.thresholds,
             anomalies=groups,
-            stuck=chunk.stuck,
-            departed=chunk.departed,
+            model_anomalies=scores.groups,
+            checked=chunk.checked,
         )
         published = self._publisher.submit(self._publish, batch, chunk.means)
         report.add_ms("score", self._clock() - started)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from edgeapp.checks import SlotOwners
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["PERSIST", "RELATIONS", "WINDOW", "Relations"]
@@ -68,7 +69,7 @@ class Relations:
         self._cause = np.array([c for c, _, _ in RELATIONS])
         self._effect = np.array([e for _, e, _ in RELATIONS])
         self._steadiness = np.array([s for _, _, s in RELATIONS])
-        self._ids: list[str | None] = [None] * max_turbines
+        self._owners = SlotOwners(max_turbines)
         self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
         self._sums = np.zeros((max_turbines, r, 5))  # looks, x, y, xx, xy
@@ -90,17 +91,12 @@ class Relations:
         counts: NDArray[np.int64],
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
-        """Look at the newest samples of some turbines; ``(T, 6)`` effects departed from
-        their line.
-
-        ``features`` is ``(T, n, 6)``, oldest first; ``counts`` how many samples each
-        slot had received then; ``ids`` the turbines in those slots.
-        """
-        self._forget_others(slots, ids)
+        """``(T, 6)`` effects departed from their line (``edgeapp.checks.SensorCheck``)."""
+        self._forget(self._owners.changed(slots, ids))
         window = features[:, -min(WINDOW, features.shape[1]) :, :]
         size = window.shape[1]
         # sums over the window as matrix-vector products: numpy's reductions along the
-        # middle axis of (T, 400, 6) cost ~10x more (bench/stuck_check.py)
+        # middle axis of (T, 400, 6) cost ~10x more (bench/sensor_checks.py)
         ones = np.ones(size, dtype=window.dtype)
         means = np.matmul(ones, window).astype(np.float64) / size  # (T, 6)
         squares = np.matmul(ones, window * window).astype(np.float64) / size
@@ -134,19 +130,16 @@ class Relations:
             flagged[:, effect] |= over[:, r] >= PERSIST
         return flagged
 
-    def _forget_others(self, slots: NDArray[np.intp], ids: Sequence[str]) -> None:
-        """A slot now holding another turbine starts from nothing."""
-        for slot, turbine in zip(slots.tolist(), ids, strict=True):
-            if self._ids[slot] != turbine:
-                self._ids[slot] = turbine
-                self._count[slot] = -1
-                self._learned[slot] = 0
-                self._sums[slot] = 0.0
-                self._lo[slot] = np.inf
-                self._hi[slot] = -np.inf
-                self._line[slot] = np.nan
-                self._floor[slot] = 0.0
-                self._over[slot] = 0
+    def _forget(self, slots: NDArray[np.intp]) -> None:
+        """Slots now holding another turbine start from nothing."""
+        self._count[slots] = -1
+        self._learned[slots] = 0
+        self._sums[slots] = 0.0
+        self._lo[slots] = np.inf
+        self._hi[slots] = -np.inf
+        self._line[slots] = np.nan
+        self._floor[slots] = 0.0
+        self._over[slots] = 0
 
     def _learn(
         self,

@@ -18,17 +18,20 @@ feature, the newest value and how many samples in a row held it. Each look
 sees the newest ``n`` samples (the detector's window), so a run is followed
 across looks as long as fewer than ``n`` samples arrived in between (at 2
 ticks a second and 20 Hz, 10 between looks). A turbine whose buffer started
-over (count lower than last time) or a slot given to another turbine starts
-from nothing.
+over (count lower than last time) or a slot given to another turbine
+(``edgeapp.checks.SlotOwners``) starts from nothing.
 
 Transport-free and vectorised over a chunk of turbines.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import NDArray
 
+from edgeapp.checks import SlotOwners
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["ZERO_AT_REST", "StuckSensors"]
@@ -46,6 +49,7 @@ class StuckSensors:
         if after < 2:
             raise ValueError(f"a flat line needs at least 2 samples, got {after}")
         self.after = after
+        self._owners = SlotOwners(max_turbines)
         self._count = np.full(max_turbines, -1, dtype=np.int64)  # -1: never looked
         self._held = np.zeros((max_turbines, N_FEATURES), dtype=np.int64)
         self._last = np.zeros((max_turbines, N_FEATURES), dtype=np.float32)
@@ -53,15 +57,18 @@ class StuckSensors:
         self._exempt[list(ZERO_AT_REST)] = True
 
     def update(
-        self, slots: NDArray[np.intp], counts: NDArray[np.int64], features: NDArray[np.float32]
+        self,
+        slots: NDArray[np.intp],
+        ids: Sequence[str],
+        counts: NDArray[np.int64],
+        features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
-        """Look at the newest samples of some turbines; ``(T, 6)`` stuck or not.
+        """``(T, 6)`` stuck or not (``edgeapp.checks.SensorCheck``).
 
-        ``features`` is ``(T, n, 6)``, oldest first, the newest ``n`` samples of
-        each slot; ``counts`` how many samples each slot had received then.
         Turbines looked at last time read only the samples since (a tick's
         10, not the window's 100-odd); the others read the whole window.
         """
+        self._count[self._owners.changed(slots, ids)] = -1
         n = features.shape[1]
         newest = features[:, -1, :]  # (T, 6)
         before = self._count[slots]

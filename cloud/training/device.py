@@ -133,7 +133,6 @@ class DevicePath:
         scores = np.full((turbines, len(ends), N_FEATURES), np.nan)
         flags = np.zeros((turbines, len(ends), len(GROUPS)), dtype=bool)
         model_flags = np.zeros_like(flags)
-        above = np.asarray(params.thresholds)
         infer_ms = 0.0
         windows = 0
         written = 0
@@ -155,12 +154,10 @@ class DevicePath:
                 for batch in sink.batches:
                     index = [int(name[1:]) for name in batch.turbines]
                     scores[index, tick] = batch.scores
+                    model = batch.model_anomalies or batch.anomalies
                     for g, group in enumerate(GROUPS):
                         flags[index, tick, g] = batch.anomalies[group]
-                        members = list(params.fault_groups[group])
-                        model_flags[index, tick, g] = (
-                            batch.scores[:, members] > above[members]
-                        ).any(axis=1)
+                        model_flags[index, tick, g] = model[group]
         finally:
             detector.close()
         return StreamVerdicts(

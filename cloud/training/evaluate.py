@@ -157,6 +157,8 @@ class PackageEvaluation:
     learned_ticks: int = 0
     stuck_after_samples: int = 0
     """The flat-line check the verdicts include (0: none)."""
+    relation_learn_samples: int = 0
+    """The relation check the verdicts include: samples learned from (0: none)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -269,6 +271,7 @@ def evaluate_package(
         ),
         learned_ticks=int(any_flag[:, learned].size),
         stuck_after_samples=STUCK_AFTER_SAMPLES,
+        relation_learn_samples=RELATION_LEARN_SAMPLES,
     )
 
 

@@ -21,9 +21,10 @@ from numpy.typing import NDArray
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from cloud.training.device import GROUPS
+from cloud.training.device import GROUPS, RELATION_TOLERANCES
 from cloud.training.evaluate import (
     CASES,
+    RATE_HZ,
     SWEEPS,
     EvalConfig,
     PackageEvaluation,
@@ -32,6 +33,7 @@ from cloud.training.evaluate import (
 )
 from cloud.visualize import save_figure
 from edgeapp.features import FEATURES
+from edgeapp.relations import PERSIST, WINDOW
 
 __all__ = ["ModelCost", "write_report"]
 
@@ -62,29 +64,44 @@ def _seconds(values: NDArray[np.float64]) -> str:
 
 
 def _model_alone(model: float, verdicts: float, digits: int = 0) -> str:
-    """``<br>model alone: x%`` where the flat-line check changed the figure."""
+    """``<br>model alone: x%`` where the checks beside the model changed the figure."""
     if math.isnan(model) or round(model, digits + 2) == round(verdicts, digits + 2):
         return ""
     return f"<br>model alone: {100 * model:.{digits}f}%"
 
 
-def _stuck_lines(evaluations: Sequence[PackageEvaluation], config: EvalConfig) -> list[str]:
+def _check_lines(evaluations: Sequence[PackageEvaluation], config: EvalConfig) -> list[str]:
+    """What the verdicts include besides the model (edge-app's defaults, as run)."""
     after = {e.stuck_after_samples for e in evaluations}
-    if after == {0}:
-        return ["- Verdicts: the model's scores alone (edge-app's flat-line check off)."]
-    samples = ", ".join(str(a) for a in sorted(after))
+    learn = {e.relation_learn_samples for e in evaluations}
+    lines = []
+    if after != {0}:
+        samples = ", ".join(str(a) for a in sorted(after))
+        lines += [
+            "- Verdicts: the model's scores, and edge-app's flat-line check",
+            f"  (`stuck_after_samples` = {samples}): a feature whose reading has not changed",
+            "  for that many samples raises its group (wind, rotor speed and voltage reading",
+            "  exactly 0 exempt: a machine at rest).",
+        ]
+    if learn != {0}:
+        minutes = ", ".join(f"{n / RATE_HZ / 60:g}" for n in sorted(learn))
+        generator, power_curve = RELATION_TOLERANCES
+        lines += [
+            "- And edge-app's relation check: each turbine's voltage per rotor speed and rotor",
+            f"  speed per wind, learned over its first {minutes} min ({WINDOW / RATE_HZ:g} s "
+            "means of steady",
+            f"  windows), then a departure beyond {100 * generator:g}% (voltage) or "
+            f"{100 * power_curve:g}% (rotor speed)",
+            f"  in {PERSIST} scored looks in a row raises the voltage or rotation group. Faults",
+            f"  start after {config.warmup_s:g} s of normal operation; false positives are also",
+            "  given over the normal farm's ticks after the learning.",
+        ]
+    if not lines:
+        return ["- Verdicts: the model's scores alone (edge-app's checks off)."]
     return [
-        "- Verdicts: the model's scores, and edge-app's flat-line check (on by default,",
-        f"  `stuck_after_samples` = {samples}): a feature whose reading has not changed for",
-        "  that many samples raises its group (wind, rotor speed and voltage reading",
-        "  exactly 0 exempt: a machine at rest). Where it changes a figure, the model's",
-        '  scores alone are given beside it ("model alone").',
-        "- And edge-app's relation check (on by default): each turbine's voltage per rotor",
-        "  speed and rotor speed per wind, learned over its first 10 min (20 s means of",
-        "  steady windows), then a departure beyond 5% (voltage) or 8% (rotor speed) in 4",
-        "  scored looks in a row raises the voltage or rotation group. Faults start after",
-        f"  {config.warmup_s:g} s of normal operation; false positives are also given over",
-        "  the normal farm's ticks after those 10 min.",
+        *lines,
+        "- Where a check changes a figure, the model's scores alone are given beside it",
+        '  ("model alone").',
     ]
 
 
@@ -146,7 +163,7 @@ def write_report(
         "  tick 2 on they are in the window; with step 1 (`wind-turbine-relational`) 9 of",
         "  them are in the window at tick 1.",
         "- False positives: (turbine, tick) verdicts of the normal farm raising any group.",
-        *_stuck_lines(evaluations, config),
+        *_check_lines(evaluations, config),
         "- Cost: multiply-adds counted from the ONNX graph; microseconds per window from",
         "  ONNX Runtime in this process on one thread (a shared machine's load moves them);",
         "  the agent's time per window is the detector's own `infer` stage in the runs above.",

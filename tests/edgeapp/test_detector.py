@@ -182,10 +182,10 @@ def test_a_stuck_sensor_raises_its_group_once_held_for_the_limit(
             sink.batches.clear()
             assert detector.tick().verdicts == 2
             (batch,) = sink.batches
-            assert batch.stuck is not None
+            assert batch.checked is not None and batch.model_anomalies is not None
             got = {t: {g: bool(v[i]) for g, v in batch.anomalies.items()}
                    for i, t in enumerate(batch.turbines)}  # fmt: skip
-            stuck_fields = {t: [FEATURES[f] for f in np.flatnonzero(batch.stuck[i])]
+            stuck_fields = {t: [FEATURES[f] for f in np.flatnonzero(batch.checked[i])]
                             for i, t in enumerate(batch.turbines)}  # fmt: skip
             held = count - 380
             assert stuck_fields == {"live": [], "stuck": ["voltage"] if held >= 200 else []}

@@ -32,7 +32,8 @@ def looks(
     for count in range(start, end + 1, STEP):
         features = np.stack([s[count - N : count] for s in streams])
         counts = np.full(len(streams), count, dtype=np.int64)
-        out.append(check.update(slots, counts, features))
+        ids = [f"t{i}" for i in range(len(streams))]
+        out.append(check.update(slots, ids, counts, features))
     return out
 
 
@@ -80,7 +81,7 @@ def test_a_restarted_buffer_or_a_long_gap_starts_the_count_again() -> None:
 
     def look(count: int) -> bool:
         features = held[None, count - N : count]
-        return bool(check.update(slot, np.array([count], np.int64), features)[0, RPS])
+        return bool(check.update(slot, ["t"], np.array([count], np.int64), features)[0, RPS])
 
     assert not look(110) and not look(190)  # 110, then 190 held
     assert look(200)
@@ -102,3 +103,20 @@ def test_the_setting_refuses_a_one_sample_line(after: int) -> None:
     else:
         with pytest.raises(ValueError, match="at least 2 samples"):
             AppSettings(stuck_after_samples=after)
+
+
+def test_a_slot_given_to_another_turbine_starts_the_count_again() -> None:
+    frozen = stream(1000, 6)
+    frozen[:, RPS] = 1.5
+    check = StuckSensors(max_turbines=1, after=200)
+    slot = np.zeros(1, dtype=np.intp)
+
+    def look(turbine: str, count: int) -> bool:
+        features = frozen[None, count - N : count]
+        return bool(check.update(slot, [turbine], np.array([count], np.int64), features)[0, RPS])
+
+    assert not look("a", 110) and not look("a", 190)  # 190 held by turbine a
+    # the slot goes to turbine b, 10 samples on: b's run starts with its window (110),
+    # not at a's 190 + 10 = 200
+    flagged = [c for c in range(200, 400, 10) if look("b", c)]
+    assert flagged[0] == 290  # 110 at 200, 200 at 290

@@ -1,6 +1,6 @@
 """Cost of edge-app's flat-line and relation checks against the feature pipeline beside them.
 
-    .venv/bin/python bench/stuck_check.py [--turbines 5000] [--ticks 40]
+    .venv/bin/python bench/sensor_checks.py [--turbines 5000] [--ticks 40]
 
 Per tick, for T turbines with full buffers, the detector copies each turbine's
 newest samples out in parts of 64 and prepares them (``windows_from_features``);
@@ -76,7 +76,7 @@ def main() -> None:
             part = slice(begin, min(turbines, begin + PART))
             features = np.ascontiguousarray(stream[part, end - n : end])
             started = time.perf_counter()
-            flags = check.update(slots[part], counts[part], features)
+            flags = check.update(slots[part], ids[part], counts[part], features)
             checked = time.perf_counter()
             relations.update(slots[part], ids[part], counts[part], features)
             related_at = time.perf_counter()
