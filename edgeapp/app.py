@@ -132,6 +132,8 @@ class App:
             stuck_after_samples=settings.stuck_after_samples,
             relation_learn_samples=settings.relation_learn_samples,
             relation_tolerances=(settings.generator_tolerance, settings.power_curve_tolerance),
+            noise_limit=settings.noise_limit,
+            noise_learn_samples=settings.noise_learn_samples,
         )
         self.tick_errors = 0
         self.overruns = 0

@@ -3,11 +3,12 @@
 A check looks at the newest samples of a chunk of turbines each tick and
 answers, per turbine and feature, whether that feature is faulty; the
 detector raises the fault groups of the flagged features on top of the
-model's verdict. Two exist: ``edgeapp.stuck`` (a reading that stopped
-changing) and ``edgeapp.relations`` (a reading that left the turbine's own
-learned relation to another).
+model's verdict. Three exist: ``edgeapp.stuck`` (a reading that stopped
+changing), ``edgeapp.relations`` (a reading that left the turbine's own
+learned relation to another) and ``edgeapp.noise`` (a slow reading jumping
+about far more than learned).
 
-Both keep state per turbine slot, and a slot freed by a silent turbine goes
+All keep state per turbine slot, and a slot freed by a silent turbine goes
 to the next new one: ``SlotOwners`` tells a check which slots changed hands
 since it last looked, so it starts those from nothing.
 """

@@ -14,7 +14,9 @@ At each tick (``tick_period_s``, 2 Hz by default) the detector
    that many samples (``edgeapp.stuck``) raises its fault group too; with
    ``relation_learn_samples`` set, so does an effect (voltage, rotor speed)
    departed from the turbine's own learned relation to its cause
-   (``edgeapp.relations``). Both are ``edgeapp.checks.SensorCheck``: they see
+   (``edgeapp.relations``); with ``noise_limit`` set, so does a wind, rotor
+   speed or voltage reading jumping about far more than the turbine's learned
+   level (``edgeapp.noise``). All are ``edgeapp.checks.SensorCheck``: they see
    the samples gathered for the model, one part of turbines at a time.
 
 Inference runs on ``max_inflight`` worker threads (2 by default): the agent
@@ -60,6 +62,7 @@ from edgeapp.buffers import TurbineBuffers
 from edgeapp.checks import SensorCheck
 from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
+from edgeapp.noise import NoisySensors
 from edgeapp.relations import Relations
 from edgeapp.stuck import StuckSensors
 
@@ -176,6 +179,8 @@ class Detector:
         stuck_after_samples: int = 0,
         relation_learn_samples: int = 0,
         relation_tolerances: Sequence[float] = (0.05, 0.08),
+        noise_limit: float = 0.0,
+        noise_learn_samples: int = 1_200,
     ) -> None:
         self.buffers = buffers
         self.follower = follower
@@ -199,6 +204,10 @@ class Detector:
         if relation_learn_samples > 0:
             self._checks.append(
                 Relations(buffers.max_turbines, relation_learn_samples, relation_tolerances)
+            )
+        if noise_limit > 0:
+            self._checks.append(
+                NoisySensors(buffers.max_turbines, noise_learn_samples, noise_limit)
             )
         self._next_dashboard = -math.inf
         self._label: str | None = None

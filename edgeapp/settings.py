@@ -227,6 +227,21 @@ class AppSettings(EnvOverFileSettings):
         description="Relative departure of the rotor speed from the turbine's learned line "
         "that is a fault (a dragging brake).",
     )
+    noise_limit: float = Field(
+        12.0,
+        ge=0,
+        description=(
+            "Wind, rotor speed or voltage whose sample-to-sample steps over a tick grow beyond "
+            "this many times the turbine's learned level is a failing sensor or link and "
+            "raises its fault group at once (0: off)."
+        ),
+    )
+    noise_learn_samples: int = Field(
+        1_200,
+        ge=1,
+        description="Samples of each turbine the noise check learns its levels from "
+        "(1,200: 1 min at 20 Hz).",
+    )
     capture_fraction: float = Field(
         0.0,
         ge=0,
@@ -295,6 +310,13 @@ class AppSettings(EnvOverFileSettings):
     def _flat_line(cls, value: int) -> int:
         if value == 1:
             raise ValueError("a flat line needs at least 2 samples (0 turns the check off)")
+        return value
+
+    @field_validator("noise_limit")
+    @classmethod
+    def _noise_limit(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("noise_limit is a multiple of the learned level: above 1 (0: off)")
         return value
 
     @field_validator("log_level")

@@ -48,6 +48,9 @@ STUCK_AFTER_SAMPLES: int = _APP["stuck_after_samples"].default
 """edge-app's flat-line check as a device runs it by default."""
 RELATION_LEARN_SAMPLES: int = _APP["relation_learn_samples"].default
 """edge-app's relation check as a device runs it by default: samples learned from."""
+NOISE_LIMIT: float = _APP["noise_limit"].default
+"""edge-app's noise check as a device runs it by default: times the learned level."""
+NOISE_LEARN_SAMPLES: int = _APP["noise_learn_samples"].default
 RELATION_TOLERANCES: tuple[float, float] = (
     _APP["generator_tolerance"].default,
     _APP["power_curve_tolerance"].default,
@@ -108,11 +111,12 @@ class DevicePath:
         max_batch: int = 256,
         stuck_after_samples: int = STUCK_AFTER_SAMPLES,
         relation_learn_samples: int = RELATION_LEARN_SAMPLES,
+        noise_limit: float = NOISE_LIMIT,
     ) -> StreamVerdicts:
         """Feed ``(T, n, 7)`` raw samples tick by tick; every tick's verdicts.
 
-        ``stuck_after_samples``, ``relation_learn_samples``: the detector's flat-line
-        and relation checks, edge-app's defaults.
+        ``stuck_after_samples``, ``relation_learn_samples``, ``noise_limit``: the
+        detector's flat-line, relation and noise checks, edge-app's defaults.
         """
         turbines, n, _ = raw.shape
         state = self.follower.refresh()
@@ -128,6 +132,7 @@ class DevicePath:
             buffers=buffers, follower=self.follower, sink=sink, max_batch=max_batch,
             dashboard_period_s=1e9, stuck_after_samples=stuck_after_samples,
             relation_learn_samples=relation_learn_samples, relation_tolerances=RELATION_TOLERANCES,
+            noise_limit=noise_limit, noise_learn_samples=NOISE_LEARN_SAMPLES,
         )  # fmt: skip
         ends = tick_ends(n, params)
         scores = np.full((turbines, len(ends), N_FEATURES), np.nan)

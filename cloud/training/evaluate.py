@@ -25,10 +25,13 @@ check (``edgeapp.stuck``, on by default) raising the group of a feature whose
 reading has not changed for ``stuck_after_samples``, and its relation check
 (``edgeapp.relations``, on by default) raising the group of a voltage or
 rotor speed departed from the turbine's own relation, learned over its first
-``relation_learn_samples``. So every turbine runs normally for longer than
-that before a fault (``EvalConfig.warmup_s``), and the normal farm runs as
-long again after it. The detection and false-positive rates of the model's
-scores alone are kept beside them.
+``relation_learn_samples``, and its noise check (``edgeapp.noise``, on by
+default) raising the group of a wind, rotor speed or voltage reading whose
+steps grew beyond ``noise_limit`` times the turbine's learned level. So
+every turbine runs normally for longer than those learnings before a fault
+(``EvalConfig.warmup_s``), and the normal farm runs as long again after
+them. The detection and false-positive rates of the model's scores alone
+are kept beside them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from numpy.typing import NDArray
 
 from cloud.training.device import (
     GROUPS,
+    NOISE_LEARN_SAMPLES,
+    NOISE_LIMIT,
     RELATION_LEARN_SAMPLES,
     STUCK_AFTER_SAMPLES,
     StreamVerdicts,
@@ -159,6 +164,9 @@ class PackageEvaluation:
     """The flat-line check the verdicts include (0: none)."""
     relation_learn_samples: int = 0
     """The relation check the verdicts include: samples learned from (0: none)."""
+    noise_limit: float = 0.0
+    """The noise check the verdicts include: times the learned level (0: none)."""
+    noise_learn_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -272,6 +280,8 @@ def evaluate_package(
         learned_ticks=int(any_flag[:, learned].size),
         stuck_after_samples=STUCK_AFTER_SAMPLES,
         relation_learn_samples=RELATION_LEARN_SAMPLES,
+        noise_limit=NOISE_LIMIT,
+        noise_learn_samples=NOISE_LEARN_SAMPLES,
     )
 
 

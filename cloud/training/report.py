@@ -96,6 +96,15 @@ def _check_lines(evaluations: Sequence[PackageEvaluation], config: EvalConfig) -
             f"  start after {config.warmup_s:g} s of normal operation; false positives are also",
             "  given over the normal farm's ticks after the learning.",
         ]
+    noise = {(e.noise_limit, e.noise_learn_samples) for e in evaluations if e.noise_limit > 0}
+    for limit, learn_samples in sorted(noise):
+        lines += [
+            "- And edge-app's noise check: the root mean square of each tick's sample-to-sample",
+            "  steps of wind, rotor speed and voltage, against its geometric mean over the",
+            f"  turbine's first {learn_samples / RATE_HZ:g} s; beyond {limit:g} times that "
+            "level the feature's",
+            "  group is raised at once (a sensor or link scattering its readings).",
+        ]
     if not lines:
         return ["- Verdicts: the model's scores alone (edge-app's checks off)."]
     return [

@@ -37,7 +37,7 @@ def test_evaluation_through_the_device_path_writes_the_report(tmp_path: Path) ->
         normal_minutes=1.0,
         turbines_per_case=2,
         turbines_per_sweep_step=1,
-        warmup_s=26.0,
+        warmup_s=61.0,  # past the noise check's learning (1 min)
         observe_s=31.0,
     )
     result = evaluate_package(RELEASED, trusted_keys=KEYS, config=config, progress=False)
@@ -50,6 +50,11 @@ def test_evaluation_through_the_device_path_writes_the_report(tmp_path: Path) ->
     assert vibration.rate == 1.0  # both turbines, correct group, within 2 ticks
     assert np.all(vibration.seconds <= 1.0)
     assert vibration.confusion[0] > 0.9  # the vibration group raised on post-onset ticks
+    # gross rotation and voltage: the scattered reading is flagged by edge-app's noise
+    # check within the deadline (the model alone catches only some gross voltage faults)
+    assert result.noise_limit == 12.0
+    for label in ("rotation (gross)", "voltage (gross)"):
+        assert by_label[label].rate == 1.0, label
     assert set(result.sweeps) == set(SWEEPS)
     # stuck sensors: edge-app's flat-line check raises the group 200 samples (10 s)
     # after the reading froze; the model's own verdicts are kept beside
@@ -72,6 +77,7 @@ def test_evaluation_through_the_device_path_writes_the_report(tmp_path: Path) ->
         assert case.label in text
     assert "17.29 M" in text and "false positives" in text
     assert "flat-line check" in text and "`stuck_after_samples` = 200" in text
+    assert "noise check" in text and "beyond 12 times" in text
     for name in ("detection", "time-to-detection", "intensity-sweeps", "confusion",
                  "scores-wind-turbine-1.0"):  # fmt: skip
         png = tmp_path / "docs" / "model-report" / f"{name}.png"
