@@ -53,6 +53,7 @@ WINDOW = 400
 PERSIST = 4
 """Looks in a row beyond the tolerance before a feature is flagged."""
 _MIN_LOOKS = 20  # a line needs this many looks to be fitted
+_RESUM = 120  # looks a window's sums are slid before they are summed in full again
 
 
 class Relations:
@@ -78,6 +79,12 @@ class Relations:
         self._line = np.full((max_turbines, r, 2), np.nan)  # slope, intercept; NaN: learning
         self._floor = np.zeros((max_turbines, r))  # half the learned mean effect
         self._over = np.zeros((max_turbines, r), dtype=np.int64)
+        # the window's running sums of the features the relations use (``_window_sums``)
+        self._used = np.array(sorted({c for c, _, _ in RELATIONS} | {e for _, e, _ in RELATIONS}))
+        self._sums_of = np.zeros((max_turbines, len(self._used)))
+        self._squares_of = np.zeros((max_turbines, len(self._used)))
+        self._slid = np.full(max_turbines, -1, dtype=np.int64)  # -1: no sums yet
+        self._size = np.zeros(max_turbines, dtype=np.int64)
 
     def learned(self, slots: NDArray[np.intp]) -> NDArray[np.bool_]:
         """``(T, relations)``: which lines are fitted (learning is over)."""
@@ -93,17 +100,12 @@ class Relations:
     ) -> NDArray[np.bool_]:
         """``(T, 6)`` effects departed from their line (``edgeapp.checks.SensorCheck``)."""
         self._forget(self._owners.changed(slots, ids))
-        window = features[:, -min(WINDOW, features.shape[1]) :, :]
-        size = window.shape[1]
-        # sums over the window as matrix-vector products: numpy's reductions along the
-        # middle axis of (T, 400, 6) cost ~10x more (bench/sensor_checks.py)
-        ones = np.ones(size, dtype=window.dtype)
-        means = np.matmul(ones, window).astype(np.float64) / size  # (T, 6)
-        squares = np.matmul(ones, window * window).astype(np.float64) / size
-        x, y = means[:, self._cause], means[:, self._effect]  # (T, relations)
-        variance = squares[:, self._cause] - x * x
-        steady = variance <= (self._steadiness * x) ** 2
+        size = min(WINDOW, features.shape[1])
         before = self._count[slots]
+        sums, squares = self._window_sums(slots, counts - before, before >= 0, features)
+        x, y = sums[:, self._cause] / size, sums[:, self._effect] / size  # (T, relations)
+        variance = squares[:, self._cause] / size - x * x
+        steady = variance <= (self._steadiness * x) ** 2
         arrived = np.where(before >= 0, np.maximum(counts - before, 0), size)
         self._count[slots] = counts
         learning = np.isnan(self._line[slots, :, 0])  # (T, relations)
@@ -130,8 +132,64 @@ class Relations:
             flagged[:, effect] |= over[:, r] >= PERSIST
         return flagged
 
+    def _window_sums(
+        self,
+        slots: NDArray[np.intp],
+        arrived: NDArray[np.int64],
+        looked: NDArray[np.bool_],
+        features: NDArray[np.float32],
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``(T, 6)`` sums of each feature and of its square over the newest ``WINDOW`` samples.
+
+        Kept per slot and slid: a look adds the samples that arrived since the
+        last and takes off those that left the window (a tick's 10 each, not
+        the window's 400). A slot not looked at before, one whose samples
+        arrived faster than the gathered samples beyond the window can take
+        off, or one slid ``_RESUM`` times, is summed in full (float64 sums of
+        float32 samples: sliding them drifts only in the last bits, and the
+        full sum resets that).
+        """
+        n = features.shape[1]
+        size = min(WINDOW, n)
+        used = self._used
+        sums, squares = self._sums_of[slots], self._squares_of[slots]
+        slide = (
+            looked
+            & (self._slid[slots] >= 0)
+            & (self._slid[slots] < _RESUM)
+            & (arrived >= 0)
+            & (arrived <= n - size)
+            & (self._size[slots] == size)
+        )
+        full = np.flatnonzero(~slide)
+        if len(full):
+            window = features[full, n - size :][:, :, used].astype(np.float64)
+            sums[full] = window.sum(axis=1)
+            squares[full] = (window * window).sum(axis=1)
+        part = np.flatnonzero(slide)
+        step = int(arrived[part].max(initial=0))
+        if step:
+            # per slot its own arrivals: the newest ``arrived`` samples come in, as many
+            # go out from just beyond the window's oldest
+            keep = np.arange(step) >= (step - arrived[part])[:, None]  # (P, step)
+            came = features[part, n - step :][:, :, used].astype(np.float64) * keep[..., None]
+            went = features[part, n - size - step : n - size][:, :, used].astype(np.float64)
+            went *= keep[..., None]
+            sums[part] += came.sum(axis=1) - went.sum(axis=1)
+            squares[part] += (came * came).sum(axis=1) - (went * went).sum(axis=1)
+        self._sums_of[slots] = sums
+        self._squares_of[slots] = squares
+        self._slid[slots] = np.where(slide, self._slid[slots] + 1, 0)
+        self._size[slots] = size
+        out_sums = np.zeros((len(slots), N_FEATURES))
+        out_squares = np.zeros((len(slots), N_FEATURES))
+        out_sums[:, used] = sums
+        out_squares[:, used] = squares
+        return out_sums, out_squares
+
     def _forget(self, slots: NDArray[np.intp]) -> None:
         """Slots now holding another turbine start from nothing."""
+        self._slid[slots] = -1
         self._count[slots] = -1
         self._learned[slots] = 0
         self._sums[slots] = 0.0

@@ -87,3 +87,39 @@ def test_settings_refuse_a_meaningless_tolerance(tolerance: float) -> None:
     with pytest.raises(ValueError, match="power_curve_tolerance"):
         AppSettings(power_curve_tolerance=tolerance)
     assert AppSettings(relation_learn_samples=0).relation_learn_samples == 0  # off
+
+
+def test_slid_window_sums_equal_the_window_summed_in_full() -> None:
+    # turbines arriving at their own pace: a tick's 10, none, a burst, a gap beyond the
+    # gathered samples, a buffer that started over, a slot given to another turbine
+    rng = np.random.default_rng(11)
+    turbines, length = 6, 30_000
+    data = (50.0 + 5.0 * rng.standard_normal((turbines, length, len(FEATURES)))).astype(np.float32)
+    check = Relations(turbines, learn=LEARN, tolerances=(0.05, 0.08))
+    slots = np.arange(turbines, dtype=np.intp)
+    ids = [f"t{i}" for i in range(turbines)]
+    counts = np.full(turbines, N, dtype=np.int64)
+    for look in range(1500):
+        window = np.stack([data[t, c - N : c] for t, c in enumerate(counts)])
+        sums, squares = check._window_sums(
+            slots, counts - check._count[slots], check._count[slots] >= 0, window
+        )
+        check._count[slots] = counts
+        full = window[:, -400:].astype(np.float64)
+        np.testing.assert_allclose(sums, full.sum(axis=1) * used_mask(), rtol=1e-12)
+        np.testing.assert_allclose(squares, (full * full).sum(axis=1) * used_mask(), rtol=1e-12)
+        step = rng.choice([0, 10, 10, 10, 37, 150], size=turbines)
+        counts = np.minimum(counts + step, length)
+        if look % 97 == 0:
+            counts[look % turbines] = N + rng.integers(0, 50)  # its buffer started over
+        if look % 131 == 0:
+            ids[look % turbines] = f"new{look}"  # another turbine took the slot
+            check._forget(check._owners.changed(slots, ids))
+        if counts.min() >= length:
+            break
+
+
+def used_mask() -> NDArray[np.float64]:
+    mask = np.zeros(len(FEATURES))
+    mask[[RPS, VOLTAGE, WIND]] = 1.0
+    return mask
