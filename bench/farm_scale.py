@@ -449,6 +449,7 @@ def start_app(
         "tick_period_s": TICK_S,
         "status_period_s": 10.0,
         "log_level": "DEBUG",  # the per-tick lines this benchmark reads
+        "learned_file": str(tmp / f"{name}-learned.json"),
         **overrides,
     }
     lines = ["[app]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]

@@ -15,7 +15,9 @@ slot back. Each tick is logged at DEBUG; one INFO ``summary`` line per
 ``log_summary_interval_s`` carries the interval's counts and latencies.
 
 Shutdown order: STOPPING=1; stop the source (no new samples); close the agent
-connection (an in-flight call ends at once) and join the workers; disconnect
+connection (an in-flight call ends at once) and join the workers; write the
+checks' learned baselines (``learned_file``, also every
+``learned_save_period_s`` while running); disconnect
 the publisher after its last write, so every message handed to it reaches the
 broker whole. A call to a hung agent is cancelled ``STOP_GRACE_S`` after the
 stop request, whichever thread waits for it, so SIGTERM ends the daemon in
@@ -36,6 +38,7 @@ from edgeapp.buffers import TurbineBuffers
 from edgeapp.detector import Detector, TickReport
 from edgeapp.errors import ConfigError
 from edgeapp.ingest import DropCounter, DropReason, Ingestor
+from edgeapp.learned import LearnedFile
 from edgeapp.model_follower import ModelClient, ModelFollower
 from edgeapp.mqtt import BrokerConfig, MqttClient, tls_context
 from edgeapp.mqtt_source import MqttSource
@@ -135,6 +138,10 @@ class App:
             noise_limit=settings.noise_limit,
             noise_learn_samples=settings.noise_learn_samples,
         )
+        self.learned: LearnedFile | None = None
+        if settings.learned_file is not None and self.detector.learning_checks:
+            self.learned = LearnedFile(settings.learned_file, self.detector.learning_checks)
+            self.learned.load()
         self.tick_errors = 0
         self.overruns = 0
 
@@ -191,6 +198,7 @@ class App:
         deadline = time.monotonic()
         last = _Counters.of(self)
         summary = _Summary(self, time.monotonic())
+        next_save = time.monotonic() + self.settings.learned_save_period_s
         while not self.stop_event.is_set():
             finishing = self._finishing  # read before the tick: the last data gets scored
             report = self._tick()
@@ -210,6 +218,9 @@ class App:
             if now >= next_status:
                 next_status = now + self.settings.status_period_s
                 self.notifier.status(self._status_text(report))
+            if now >= next_save:
+                next_save = now + self.settings.learned_save_period_s
+                self._save_learned()
             if finishing:
                 break
             deadline += period
@@ -229,6 +240,16 @@ class App:
             return TickReport(
                 status=state.status.value, label=state.label, error=f"{type(exc).__name__}: {exc}"
             )
+
+    def _save_learned(self) -> None:
+        """Write the learned baselines if they changed; a failed write is logged, not fatal."""
+        if self.learned is None:
+            return
+        try:
+            if self.learned.save():
+                log.debug("learned baselines written", path=str(self.learned.path))
+        except (OSError, ValueError) as exc:
+            log.error("learned baselines not written", path=str(self.learned.path), error=str(exc))
 
     def _evict_silent(self) -> None:
         """Free the slots of learned turbines silent for ``turbine_evict_s``."""
@@ -278,6 +299,7 @@ class App:
         self.follower.close()
         self.detector.close()
         self.follower.close()  # a capture call may have opened a new channel
+        self._save_learned()
         self.publisher_client.stop()
         log.info(
             "edge-app stopped",

@@ -15,13 +15,22 @@ since it last looked, so it starts those from nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["SensorCheck", "SlotOwners"]
+__all__ = [
+    "Baselines",
+    "LearningCheck",
+    "Parked",
+    "SensorCheck",
+    "SlotOwners",
+    "from_row",
+    "to_row",
+]
 
 
 class SensorCheck(Protocol):
@@ -40,6 +49,21 @@ class SensorCheck(Protocol):
         ...
 
 
+class LearningCheck(SensorCheck, Protocol):
+    name: str
+    """Its section in the learned file."""
+    layout: tuple[str, ...]
+    """What each value of a turbine's baseline is (a file of another layout is not used)."""
+
+    def baselines(self) -> dict[str, list[float | None]]:
+        """Every learned baseline by turbine id (None: a part still learning)."""
+        ...
+
+    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
+        """Take these baselines; each is used when its turbine next takes a slot."""
+        ...
+
+
 class SlotOwners:
     """Which turbine each slot held when a check last looked at it."""
 
@@ -48,9 +72,110 @@ class SlotOwners:
 
     def changed(self, slots: NDArray[np.intp], ids: Sequence[str]) -> NDArray[np.intp]:
         """The slots of ``slots`` now held by another turbine (recorded as theirs now)."""
+        return np.array([slot for slot, _, _ in self.handovers(slots, ids)], dtype=np.intp)
+
+    def handovers(
+        self, slots: NDArray[np.intp], ids: Sequence[str]
+    ) -> list[tuple[int, str | None, str]]:
+        """``(slot, previous turbine, turbine)`` of the slots now held by another turbine."""
         out = []
         for slot, turbine in zip(slots.tolist(), ids, strict=True):
-            if self._ids[slot] != turbine:
+            previous = self._ids[slot]
+            if previous != turbine:
                 self._ids[slot] = turbine
-                out.append(slot)
-        return np.array(out, dtype=np.intp)
+                out.append((slot, previous, turbine))
+        return out
+
+    def held(self) -> list[tuple[int, str]]:
+        """``(slot, turbine)`` of every slot held."""
+        return [(slot, turbine) for slot, turbine in enumerate(self._ids) if turbine is not None]
+
+
+class Parked:
+    """Baselines of turbines not in a slot: restored ones waiting, or a slot given away.
+
+    At most ``limit`` are kept; beyond it the longest-parked go (a fleet's ids
+    come back, a stream of ever new ids must not grow the daemon's memory).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._rows: dict[str, list[float | None]] = {}
+
+    def put(self, turbine: str, row: list[float | None]) -> None:
+        self._rows.pop(turbine, None)
+        self._rows[turbine] = row
+        while len(self._rows) > self.limit:
+            del self._rows[next(iter(self._rows))]
+
+    def take(self, turbine: str) -> list[float | None] | None:
+        return self._rows.pop(turbine, None)
+
+    def rows(self) -> dict[str, list[float | None]]:
+        return dict(self._rows)
+
+
+class Baselines:
+    """The handing over of slots for a check that learns per turbine (a ``LearningCheck``).
+
+    The check supplies how to read a slot's baseline as a row (None: nothing
+    learned), how to forget slots, and how to put a row into a slot.
+    """
+
+    def __init__(
+        self,
+        max_turbines: int,
+        width: int,
+        *,
+        row: Callable[[int], list[float | None] | None],
+        forget: Callable[[NDArray[np.intp]], None],
+        apply: Callable[[int, list[float | None]], None],
+    ) -> None:
+        self.width = width
+        self.owners = SlotOwners(max_turbines)
+        self.parked = Parked(4 * max_turbines)
+        self._row, self._forget, self._apply = row, forget, apply
+
+    def hand_over(self, slots: NDArray[np.intp], ids: Sequence[str]) -> None:
+        """Park the baselines of slots' previous turbines, give the new ones theirs."""
+        moves = self.owners.handovers(slots, ids)
+        if not moves:
+            return
+        for slot, previous, _ in moves:
+            row = self._row(slot) if previous is not None else None
+            if previous is not None and row is not None:
+                self.parked.put(previous, row)
+        self._forget(np.array([slot for slot, _, _ in moves], dtype=np.intp))
+        for slot, _, turbine in moves:
+            row = self.parked.take(turbine)
+            if row is not None:
+                self._apply(slot, row)
+
+    def all(self) -> dict[str, list[float | None]]:
+        rows = self.parked.rows()
+        for slot, turbine in self.owners.held():
+            row = self._row(slot)
+            if row is not None:
+                rows[turbine] = row
+        return rows
+
+    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
+        held = {turbine: slot for slot, turbine in self.owners.held()}
+        for turbine, values in baselines.items():
+            row = list(values)
+            if len(row) != self.width:
+                raise ValueError(f"{turbine}: {len(row)} values, expected {self.width}")
+            if turbine in held:
+                self._forget(np.array([held[turbine]], dtype=np.intp))
+                self._apply(held[turbine], row)
+            else:
+                self.parked.put(turbine, row)
+
+
+def to_row(values: NDArray[np.float64]) -> list[float | None]:
+    """Floats with NaN as None (JSON has no NaN)."""
+    return [None if math.isnan(v) else v for v in values.tolist()]
+
+
+def from_row(row: Sequence[float | None]) -> NDArray[np.float64]:
+    return np.array([math.nan if v is None else float(v) for v in row], dtype=np.float64)

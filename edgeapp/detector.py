@@ -59,7 +59,7 @@ from numpy.typing import NDArray
 from edgeagent.capture import AuxEncoding
 from edgeagent.errors import AgentError
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.checks import SensorCheck
+from edgeapp.checks import LearningCheck, SensorCheck
 from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
 from edgeapp.noise import NoisySensors
@@ -199,16 +199,19 @@ class Detector:
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeapp-publish")
         self._scored = np.full(buffers.max_turbines, -math.inf)
         self._checks: list[SensorCheck] = []
+        self.learning_checks: list[LearningCheck] = []
+        """The checks that learn a baseline per turbine (``edgeapp.learned`` keeps it)."""
         if stuck_after_samples > 0:
             self._checks.append(StuckSensors(buffers.max_turbines, stuck_after_samples))
         if relation_learn_samples > 0:
-            self._checks.append(
+            self.learning_checks.append(
                 Relations(buffers.max_turbines, relation_learn_samples, relation_tolerances)
             )
         if noise_limit > 0:
-            self._checks.append(
+            self.learning_checks.append(
                 NoisySensors(buffers.max_turbines, noise_learn_samples, noise_limit)
             )
+        self._checks.extend(self.learning_checks)
         self._next_dashboard = -math.inf
         self._label: str | None = None
         self._gathered: NDArray[np.float32] | None = None  # reused gather buffer

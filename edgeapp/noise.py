@@ -32,12 +32,12 @@ Transport-free and vectorised over a chunk of turbines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import SlotOwners
+from edgeapp.checks import Baselines, from_row, to_row
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["NOISY_FEATURES", "TAIL", "NoisySensors"]
@@ -63,12 +63,32 @@ class NoisySensors:
         self.limit = limit
         f = len(NOISY_FEATURES)
         self._features = np.array(NOISY_FEATURES, dtype=np.intp)
-        self._owners = SlotOwners(max_turbines)
+        self._baselines = Baselines(
+            max_turbines, f, row=self._row, forget=self._forget, apply=self._apply
+        )
         self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
         self._log_sum = np.zeros((max_turbines, f))
         self._looks = np.zeros((max_turbines, f), dtype=np.int64)
         self._level = np.full((max_turbines, f), np.nan)  # NaN: still learning
+
+    name = "noise"
+    layout = tuple(f"{FEATURES[f]}.level" for f in NOISY_FEATURES)
+
+    def baselines(self) -> dict[str, list[float | None]]:
+        """Learned levels by turbine id (``edgeapp.checks.LearningCheck``)."""
+        return self._baselines.all()
+
+    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
+        """Levels learned before, used when their turbine takes a slot."""
+        self._baselines.restore(baselines)
+
+    def _row(self, slot: int) -> list[float | None] | None:
+        level = self._level[slot]
+        return None if np.isnan(level).all() else to_row(level)
+
+    def _apply(self, slot: int, row: list[float | None]) -> None:
+        self._level[slot] = from_row(row)
 
     def learned(self, slots: NDArray[np.intp]) -> NDArray[np.bool_]:
         """``(T, noisy features)``: which levels are learned."""
@@ -83,7 +103,7 @@ class NoisySensors:
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
         """``(T, 6)`` readings far noisier than learned (``edgeapp.checks.SensorCheck``)."""
-        self._forget(self._owners.changed(slots, ids))
+        self._baselines.hand_over(slots, ids)
         tail = features[:, -min(TAIL, features.shape[1]) :, self._features].astype(np.float64)
         steps = np.diff(tail, axis=1)
         measure = np.sqrt(np.mean(steps * steps, axis=1))  # (T, noisy features)

@@ -29,12 +29,12 @@ Transport-free and vectorised over a chunk of turbines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import SlotOwners
+from edgeapp.checks import Baselines, from_row, to_row
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["PERSIST", "RELATIONS", "WINDOW", "Relations"]
@@ -70,7 +70,9 @@ class Relations:
         self._cause = np.array([c for c, _, _ in RELATIONS])
         self._effect = np.array([e for _, e, _ in RELATIONS])
         self._steadiness = np.array([s for _, _, s in RELATIONS])
-        self._owners = SlotOwners(max_turbines)
+        self._baselines = Baselines(
+            max_turbines, 5 * r, row=self._row, forget=self._forget, apply=self._apply
+        )
         self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
         self._sums = np.zeros((max_turbines, r, 5))  # looks, x, y, xx, xy
@@ -86,6 +88,37 @@ class Relations:
         self._slid = np.full(max_turbines, -1, dtype=np.int64)  # -1: no sums yet
         self._size = np.zeros(max_turbines, dtype=np.int64)
 
+    name = "relations"
+    layout = tuple(
+        f"{FEATURES[effect]}~{FEATURES[cause]}.{part}"
+        for cause, effect, _ in RELATIONS
+        for part in ("slope", "intercept", "low", "high", "floor")
+    )
+
+    def baselines(self) -> dict[str, list[float | None]]:
+        """Learned lines by turbine id (``edgeapp.checks.LearningCheck``)."""
+        return self._baselines.all()
+
+    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
+        """Lines learned before, used when their turbine takes a slot."""
+        self._baselines.restore(baselines)
+
+    def _row(self, slot: int) -> list[float | None] | None:
+        if np.isnan(self._line[slot, :, 0]).all():
+            return None
+        parts = (self._line[slot], self._lo[slot, :, None], self._hi[slot, :, None])
+        values = np.concatenate([*parts, self._floor[slot, :, None]], axis=1)  # (r, 5)
+        learning = np.isnan(self._line[slot, :, :1])  # a relation still learning: all None
+        return to_row(np.where(learning, np.nan, values).ravel())
+
+    def _apply(self, slot: int, row: list[float | None]) -> None:
+        values = from_row(row).reshape(len(RELATIONS), 5)
+        learned = np.asarray(~np.isnan(values).any(axis=1), dtype=bool)
+        self._line[slot] = np.where(learned[:, None], values[:, :2], np.nan)
+        self._lo[slot] = np.where(learned, values[:, 2], np.inf)
+        self._hi[slot] = np.where(learned, values[:, 3], -np.inf)
+        self._floor[slot] = np.where(learned, values[:, 4], 0.0)
+
     def learned(self, slots: NDArray[np.intp]) -> NDArray[np.bool_]:
         """``(T, relations)``: which lines are fitted (learning is over)."""
         ready: NDArray[np.bool_] = ~np.isnan(self._line[slots, :, 0])
@@ -99,7 +132,7 @@ class Relations:
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
         """``(T, 6)`` effects departed from their line (``edgeapp.checks.SensorCheck``)."""
-        self._forget(self._owners.changed(slots, ids))
+        self._baselines.hand_over(slots, ids)
         size = min(WINDOW, features.shape[1])
         before = self._count[slots]
         sums, squares = self._window_sums(slots, counts - before, before >= 0, features)

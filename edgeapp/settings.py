@@ -242,6 +242,17 @@ class AppSettings(EnvOverFileSettings):
         description="Samples of each turbine the noise check learns its levels from "
         "(1,200: 1 min at 20 Hz).",
     )
+    learned_file: Path | None = Field(
+        Path("/var/lib/windedge/app/learned.json"),
+        description=(
+            "Where the relation and noise checks keep what they learned per turbine, so a "
+            "restart does not learn it again (written atomically when it changed, every "
+            "learned_save_period_s and on shutdown). Empty: in memory only."
+        ),
+    )
+    learned_save_period_s: float = Field(
+        60.0, gt=0, description="How often the learned baselines are written when they changed."
+    )
     capture_fraction: float = Field(
         0.0,
         ge=0,
@@ -311,6 +322,11 @@ class AppSettings(EnvOverFileSettings):
         if value == 1:
             raise ValueError("a flat line needs at least 2 samples (0 turns the check off)")
         return value
+
+    @field_validator("learned_file", mode="before")
+    @classmethod
+    def _memory_only(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("noise_limit")
     @classmethod

@@ -358,6 +358,7 @@ class Demo:
                         "mqtt_client_id": f"app-{device.name}"[:20],
                         "model_name": MODEL,
                         "turbines": device.turbines,
+                        "learned_file": str(device.folder / "app-learned.json"),
                         "log_level": "WARNING",
                     }
                 )

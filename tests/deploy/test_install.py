@@ -38,6 +38,7 @@ EXPECTED: dict[str, tuple[str, int, str, str]] = {
     "var/lib/windedge/agent": ("d", 0o750, "windedge", "windedge"),
     "var/lib/windedge/models": ("d", 0o750, "windedge", "windedge"),
     "var/lib/windedge/ota": ("d", 0o750, "windedge", "windedge"),
+    "var/lib/windedge/app": ("d", 0o750, "windedge", "windedge"),
     "etc/sysusers.d/windedge.conf": ("f", 0o644, "root", "root"),
     "etc/tmpfiles.d/windedge.conf": ("f", 0o644, "root", "root"),
     **{f"etc/systemd/system/{unit}": ("f", 0o644, "root", "root") for unit in UNITS},

@@ -427,11 +427,25 @@ class Sensors:
                 self.client.publish(self.topic(turbine), body).wait_for_publish(5)
                 self.sent += 1
 
-    def stream(self, turbines: Sequence[str], rate_hz: float = 20.0, per_message: int = 1) -> None:
-        """Publish ``per_message`` samples per turbine every ``per_message / rate_hz`` s."""
+    def stream(
+        self,
+        turbines: Sequence[str],
+        rate_hz: float = 20.0,
+        per_message: int = 1,
+        scatter: Mapping[str, float] | None = None,
+    ) -> None:
+        """Publish ``per_message`` samples per turbine every ``per_message / rate_hz`` s.
+
+        ``scatter``: turbines whose voltage reads uniformly between 0 and this
+        many mV instead (a failing sensor or link).
+        """
         self.stop_stream()
         self._stop.clear()
         pools = {t: synthetic_samples(400, seed=100 + k) for k, t in enumerate(turbines)}
+        rng = np.random.default_rng(5)
+        for turbine, top in (scatter or {}).items():
+            for sample in pools[turbine]:
+                sample["voltage"] = float(rng.uniform(0.0, top))
 
         def run() -> None:
             period = per_message / rate_hz
@@ -492,6 +506,7 @@ class Stack:
             "drop_log_interval_s": 0.5,
             "status_period_s": 0.5,
             "log_level": "INFO",
+            "learned_file": str(self.base / "app-state" / "learned.json"),
         }
         config.update(overrides)
         return config

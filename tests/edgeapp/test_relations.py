@@ -114,7 +114,7 @@ def test_slid_window_sums_equal_the_window_summed_in_full() -> None:
             counts[look % turbines] = N + rng.integers(0, 50)  # its buffer started over
         if look % 131 == 0:
             ids[look % turbines] = f"new{look}"  # another turbine took the slot
-            check._forget(check._owners.changed(slots, ids))
+            check._baselines.hand_over(slots, ids)
         if counts.min() >= length:
             break
 
