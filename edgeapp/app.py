@@ -6,8 +6,9 @@ by constructor, then runs the tick loop on the calling thread until
 replay without ``replay_loop``, until the file is done.
 
 Threads, each owned and joined here: the source's (its MQTT client's reader, or
-the replay thread), the publisher's MQTT client reader, and the detector's
-inference workers. The tick loop pings the systemd watchdog after each
+the replay thread), the publisher's MQTT client reader, the detector's
+inference workers, and the writer of the learned baselines
+(``learned_file``). The tick loop pings the systemd watchdog after each
 completed tick while the source's thread is alive.
 
 Before each tick, learned turbines silent for ``turbine_evict_s`` give their
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import structlog
@@ -139,6 +141,10 @@ class App:
             noise_learn_samples=settings.noise_learn_samples,
         )
         self.learned: LearnedFile | None = None
+        self._learned_writer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgeapp-learned"
+        )
+        self._learned_writing: Future[None] | None = None
         if settings.learned_file is not None and self.detector.learning_checks:
             self.learned = LearnedFile(settings.learned_file, self.detector.learning_checks)
             self.learned.load()
@@ -241,15 +247,39 @@ class App:
                 status=state.status.value, label=state.label, error=f"{type(exc).__name__}: {exc}"
             )
 
-    def _save_learned(self) -> None:
-        """Write the learned baselines if they changed; a failed write is logged, not fatal."""
-        if self.learned is None:
+    def _save_learned(self, *, wait: bool = False) -> None:
+        """Write the learned baselines if they changed, on the writer thread.
+
+        The copy is taken here, between ticks (the checks belong to this
+        thread); encoding and the atomic write, with its fsync, happen on
+        the writer so a slow disk does not hold a tick. A write still running
+        skips this round; ``wait`` (shutdown) writes and waits. A failed
+        write is logged, not fatal, and retried next time.
+        """
+        learned = self.learned
+        if learned is None:
             return
-        try:
-            if self.learned.save():
-                log.debug("learned baselines written", path=str(self.learned.path))
-        except (OSError, ValueError) as exc:
-            log.error("learned baselines not written", path=str(self.learned.path), error=str(exc))
+        writing = self._learned_writing
+        if writing is not None and not writing.done():
+            if not wait:
+                return
+            writing.result()
+        content = learned.snapshot()
+        if content is None:
+            return
+
+        def write() -> None:
+            try:
+                learned.write(content)
+            except (OSError, ValueError) as exc:
+                learned.invalidate()
+                log.error("learned baselines not written", path=str(learned.path), error=str(exc))
+            else:
+                log.debug("learned baselines written", path=str(learned.path))
+
+        self._learned_writing = self._learned_writer.submit(write)
+        if wait:
+            self._learned_writing.result()
 
     def _evict_silent(self) -> None:
         """Free the slots of learned turbines silent for ``turbine_evict_s``."""
@@ -299,7 +329,8 @@ class App:
         self.follower.close()
         self.detector.close()
         self.follower.close()  # a capture call may have opened a new channel
-        self._save_learned()
+        self._save_learned(wait=True)
+        self._learned_writer.shutdown(wait=True)
         self.publisher_client.stop()
         log.info(
             "edge-app stopped",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "Parked",
     "SensorCheck",
     "SlotOwners",
+    "Snapshot",
     "from_row",
     "to_row",
 ]
@@ -55,12 +57,18 @@ class LearningCheck(SensorCheck, Protocol):
     layout: tuple[str, ...]
     """What each value of a turbine's baseline is (a file of another layout is not used)."""
 
-    def baselines(self) -> dict[str, list[float | None]]:
-        """Every learned baseline by turbine id (None: a part still learning)."""
+    def baselines(self) -> Snapshot:
+        """Every learned baseline (``Snapshot.rows``: by turbine id, None: a part still
+        learning), taken cheaply; the rows may be built on another thread."""
         ...
 
     def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
         """Take these baselines; each is used when its turbine next takes a slot."""
+        ...
+
+    @property
+    def version(self) -> int:
+        """Changes when the baselines may have: unchanged, they need no writing."""
         ...
 
 
@@ -118,8 +126,10 @@ class Parked:
 class Baselines:
     """The handing over of slots for a check that learns per turbine (a ``LearningCheck``).
 
-    The check supplies how to read a slot's baseline as a row (None: nothing
-    learned), how to forget slots, and how to put a row into a slot.
+    The check supplies how to read slots' baselines as rows (``(k, width)``,
+    NaN where nothing is learned), how to forget slots, and how to put a row
+    into a slot. ``version`` counts the changes a file of them must follow:
+    the check adds one when it finishes learning turbines.
     """
 
     def __init__(
@@ -127,39 +137,42 @@ class Baselines:
         max_turbines: int,
         width: int,
         *,
-        row: Callable[[int], list[float | None] | None],
+        rows: Callable[[NDArray[np.intp]], NDArray[np.float64]],
         forget: Callable[[NDArray[np.intp]], None],
         apply: Callable[[int, list[float | None]], None],
     ) -> None:
         self.width = width
         self.owners = SlotOwners(max_turbines)
         self.parked = Parked(4 * max_turbines)
-        self._row, self._forget, self._apply = row, forget, apply
+        self.version = 0
+        self._rows, self._forget, self._apply = rows, forget, apply
 
     def hand_over(self, slots: NDArray[np.intp], ids: Sequence[str]) -> None:
         """Park the baselines of slots' previous turbines, give the new ones theirs."""
         moves = self.owners.handovers(slots, ids)
         if not moves:
             return
-        for slot, previous, _ in moves:
-            row = self._row(slot) if previous is not None else None
-            if previous is not None and row is not None:
-                self.parked.put(previous, row)
-        self._forget(np.array([slot for slot, _, _ in moves], dtype=np.intp))
+        self.version += 1
+        moved = np.array([slot for slot, _, _ in moves], dtype=np.intp)
+        values = self._rows(moved)
+        for (_, previous, _), row in zip(moves, values, strict=True):
+            if previous is not None and not np.isnan(row).all():
+                self.parked.put(previous, to_row(row))
+        self._forget(moved)
         for slot, _, turbine in moves:
-            row = self.parked.take(turbine)
-            if row is not None:
-                self._apply(slot, row)
+            taken = self.parked.take(turbine)
+            if taken is not None:
+                self._apply(slot, taken)
 
-    def all(self) -> dict[str, list[float | None]]:
-        rows = self.parked.rows()
-        for slot, turbine in self.owners.held():
-            row = self._row(slot)
-            if row is not None:
-                rows[turbine] = row
-        return rows
+    def snapshot(self) -> Snapshot:
+        """A copy of every baseline, cheap to take (the rows are built by ``Snapshot.rows``)."""
+        held = self.owners.held()
+        slots = np.array([slot for slot, _ in held], dtype=np.intp)
+        values = self._rows(slots) if len(slots) else np.empty((0, self.width))
+        return Snapshot(self.parked.rows(), [turbine for _, turbine in held], values)
 
     def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
+        self.version += 1
         held = {turbine: slot for slot, turbine in self.owners.held()}
         for turbine, values in baselines.items():
             row = list(values)
@@ -170,6 +183,26 @@ class Baselines:
                 self._apply(held[turbine], row)
             else:
                 self.parked.put(turbine, row)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Baselines as taken: the parked rows, and the held turbines' values (NaN: none)."""
+
+    parked: dict[str, list[float | None]]
+    turbines: list[str]
+    values: NDArray[np.float64]
+
+    def rows(self) -> dict[str, list[float | None]]:
+        """Every learned baseline by turbine id (NaN as None)."""
+        rows = dict(self.parked)
+        nan = np.isnan(self.values)
+        for turbine, row, missing in zip(
+            self.turbines, self.values.tolist(), nan.tolist(), strict=True
+        ):
+            if not all(missing):
+                rows[turbine] = [None if m else v for v, m in zip(row, missing, strict=True)]
+        return rows
 
 
 def to_row(values: NDArray[np.float64]) -> list[float | None]:

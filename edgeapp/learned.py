@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from edgeapp.checks import LearningCheck
+from edgeapp.checks import LearningCheck, Snapshot
 from edgecommon.fsutil import atomic_write_bytes
 
 __all__ = ["FORMAT", "LearnedFile"]
@@ -55,7 +55,7 @@ class LearnedFile:
     def __init__(self, path: Path, checks: Sequence[LearningCheck]) -> None:
         self.path = path
         self.checks = list(checks)
-        self._written: dict[str, Any] | None = None
+        self._versions: tuple[int, ...] | None = None  # the checks' versions last taken
         self.saves = 0
 
     def load(self) -> int:
@@ -91,30 +91,55 @@ class LearnedFile:
                 continue
             check.restore(section["turbines"])
             restored += len(section["turbines"])
-        self._written = self._content()
+        self._versions = self._current()
         log.info("learned baselines restored", path=str(self.path), baselines=restored)
         return restored
 
     def save(self) -> bool:
         """Write the baselines if they changed since the last write; whether it wrote."""
-        content = self._content()
-        if content == self._written:
+        content = self.snapshot()
+        if content is None:
             return False
+        try:
+            self.write(content)
+        except BaseException:
+            self.invalidate()
+            raise
+        return True
+
+    def snapshot(self) -> list[tuple[LearningCheck, Snapshot]] | None:
+        """The baselines to write, None when the checks have not changed since last taken.
+
+        Free when nothing changed (the checks' version counters); otherwise a
+        copy of their arrays, which the caller may write on another thread
+        (``write`` builds the rows and the JSON).
+        """
+        versions = self._current()
+        if versions == self._versions:
+            return None
+        self._versions = versions
+        return [(check, check.baselines()) for check in self.checks]
+
+    def write(self, taken: list[tuple[LearningCheck, Snapshot]]) -> None:
+        """Write what ``snapshot`` took, atomically (a temporary file, fsync, rename)."""
+        content = {
+            "format": FORMAT,
+            "checks": {
+                check.name: {"layout": list(check.layout), "turbines": snapshot.rows()}
+                for check, snapshot in taken
+            },
+        }
         data = json.dumps(content, separators=(",", ":"), allow_nan=False).encode() + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, data, mode=0o640)
-        self._written = content
         self.saves += 1
-        return True
 
-    def _content(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "checks": {
-                check.name: {"layout": list(check.layout), "turbines": check.baselines()}
-                for check in self.checks
-            },
-        }
+    def invalidate(self) -> None:
+        """A write failed: the next ``snapshot`` takes the baselines again."""
+        self._versions = None
+
+    def _current(self) -> tuple[int, ...]:
+        return tuple(check.version for check in self.checks)
 
     def _read(self) -> Mapping[str, Any]:
         with self.path.open("rb") as handle:

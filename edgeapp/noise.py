@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import Baselines, from_row, to_row
+from edgeapp.checks import Baselines, Snapshot, from_row
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["NOISY_FEATURES", "TAIL", "NoisySensors"]
@@ -64,7 +64,7 @@ class NoisySensors:
         f = len(NOISY_FEATURES)
         self._features = np.array(NOISY_FEATURES, dtype=np.intp)
         self._baselines = Baselines(
-            max_turbines, f, row=self._row, forget=self._forget, apply=self._apply
+            max_turbines, f, rows=self._rows, forget=self._forget, apply=self._apply
         )
         self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
@@ -75,17 +75,21 @@ class NoisySensors:
     name = "noise"
     layout = tuple(f"{FEATURES[f]}.level" for f in NOISY_FEATURES)
 
-    def baselines(self) -> dict[str, list[float | None]]:
+    def baselines(self) -> Snapshot:
         """Learned levels by turbine id (``edgeapp.checks.LearningCheck``)."""
-        return self._baselines.all()
+        return self._baselines.snapshot()
 
     def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
         """Levels learned before, used when their turbine takes a slot."""
         self._baselines.restore(baselines)
 
-    def _row(self, slot: int) -> list[float | None] | None:
-        level = self._level[slot]
-        return None if np.isnan(level).all() else to_row(level)
+    @property
+    def version(self) -> int:
+        return self._baselines.version
+
+    def _rows(self, slots: NDArray[np.intp]) -> NDArray[np.float64]:
+        rows: NDArray[np.float64] = self._level[slots]
+        return rows
 
     def _apply(self, slot: int, row: list[float | None]) -> None:
         self._level[slot] = from_row(row)
@@ -141,3 +145,4 @@ class NoisySensors:
         if done.any():
             level = np.exp(self._log_sum[at] / np.maximum(looks, 1))
             self._level[at] = np.where(done, level, self._level[at])
+            self._baselines.version += 1

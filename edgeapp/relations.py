@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import Baselines, from_row, to_row
+from edgeapp.checks import Baselines, Snapshot, from_row
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["PERSIST", "RELATIONS", "WINDOW", "Relations"]
@@ -71,7 +71,7 @@ class Relations:
         self._effect = np.array([e for _, e, _ in RELATIONS])
         self._steadiness = np.array([s for _, _, s in RELATIONS])
         self._baselines = Baselines(
-            max_turbines, 5 * r, row=self._row, forget=self._forget, apply=self._apply
+            max_turbines, 5 * r, rows=self._rows, forget=self._forget, apply=self._apply
         )
         self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
@@ -95,21 +95,25 @@ class Relations:
         for part in ("slope", "intercept", "low", "high", "floor")
     )
 
-    def baselines(self) -> dict[str, list[float | None]]:
+    def baselines(self) -> Snapshot:
         """Learned lines by turbine id (``edgeapp.checks.LearningCheck``)."""
-        return self._baselines.all()
+        return self._baselines.snapshot()
 
     def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
         """Lines learned before, used when their turbine takes a slot."""
         self._baselines.restore(baselines)
 
-    def _row(self, slot: int) -> list[float | None] | None:
-        if np.isnan(self._line[slot, :, 0]).all():
-            return None
-        parts = (self._line[slot], self._lo[slot, :, None], self._hi[slot, :, None])
-        values = np.concatenate([*parts, self._floor[slot, :, None]], axis=1)  # (r, 5)
-        learning = np.isnan(self._line[slot, :, :1])  # a relation still learning: all None
-        return to_row(np.where(learning, np.nan, values).ravel())
+    @property
+    def version(self) -> int:
+        return self._baselines.version
+
+    def _rows(self, slots: NDArray[np.intp]) -> NDArray[np.float64]:
+        line = self._line[slots]  # (k, r, 2)
+        parts = (line, self._lo[slots, :, None], self._hi[slots, :, None])
+        values = np.concatenate([*parts, self._floor[slots, :, None]], axis=2)  # (k, r, 5)
+        learning = np.isnan(line[..., :1])  # a relation still learning: all NaN
+        rows: NDArray[np.float64] = np.where(learning, np.nan, values).reshape(len(slots), -1)
+        return rows
 
     def _apply(self, slot: int, row: list[float | None]) -> None:
         values = from_row(row).reshape(len(RELATIONS), 5)
@@ -264,4 +268,5 @@ class Relations:
         ok = n >= _MIN_LOOKS
         line = np.stack([slope, intercept], axis=-1)
         self._line[done] = np.where(ok[..., None], line, np.nan)
+        self._baselines.version += 1
         self._floor[done] = np.where(ok, 0.5 * mean_y, 0.0)

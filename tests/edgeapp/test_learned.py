@@ -92,11 +92,11 @@ def test_a_turbine_keeps_its_baseline_when_its_slot_goes_to_another(tmp_path: Pa
     run(checks, data[:1], ["wt-a"], N, 4000)
     run(checks, data[1:], ["wt-b"], N, 4000)  # wt-a silent, its slot given to wt-b
     for check in checks:
-        assert sorted(check.baselines()) == ["wt-a", "wt-b"]
-    first = relations.baselines()["wt-a"]
+        assert sorted(check.baselines().rows()) == ["wt-a", "wt-b"]
+    first = relations.baselines().rows()["wt-a"]
     run(checks, data[:1], ["wt-a"], N, N)  # wt-a back in the slot: its own line, at once
     assert relations.learned(np.zeros(1, dtype=np.intp)).all()
-    assert relations.baselines()["wt-a"] == first
+    assert relations.baselines().rows()["wt-a"] == first
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_an_unusable_file_is_set_aside_and_the_checks_learn_again(
     assert LearnedFile(path, checks).load() == 0
     assert not path.exists()
     assert (tmp_path / "learned.json.bad").read_bytes() == content  # kept for inspection
-    assert all(check.baselines() == {} for check in checks)
+    assert all(check.baselines().rows() == {} for check in checks)
 
 
 def test_a_section_of_another_layout_is_left_out(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_a_section_of_another_layout_is_left_out(tmp_path: Path) -> None:
     checks = new_checks(learn=2000)
     assert LearnedFile(path, checks).load() == 0
     assert path.exists()  # not unusable, just not this version's
-    assert checks[1].baselines() == {}
+    assert checks[1].baselines().rows() == {}
 
 
 # ---- edge-app as a process ------------------------------------------------------------
@@ -189,3 +189,22 @@ def test_the_file_is_kept_under_the_state_folder_unless_turned_off() -> None:
 
     assert AppSettings().learned_file == Path("/var/lib/windedge/app/learned.json")
     assert AppSettings(learned_file="").learned_file is None  # in memory only
+
+
+def test_unchanged_baselines_are_not_taken_again(tmp_path: Path) -> None:
+    data = farm(2, 4000, 5)
+    checks = new_checks(learn=2000)
+    stored = LearnedFile(tmp_path / "learned.json", checks)
+    run(checks, data, ["wt-a", "wt-b"], N, 1000)  # still learning
+    assert stored.save()  # the first write (nothing learned yet)
+    run(checks, data, ["wt-a", "wt-b"], 1010, 1500)
+    assert stored.snapshot() is None  # learning on, nothing finished: nothing to write
+    run(checks, data, ["wt-a", "wt-b"], 1510, 4000)
+    assert stored.save()  # learned now
+    assert stored.snapshot() is None
+    run(checks, data[::-1], ["wt-b", "wt-a"], 4000, 4000)  # they swap slots
+    assert stored.save()
+    assert sorted(json.loads(stored.path.read_text())["checks"]["noise"]["turbines"]) == [
+        "wt-a",
+        "wt-b",
+    ]
