@@ -24,8 +24,8 @@ measures above 35x; the default limit of 12 sits between them.
 The inertial features (roll, pitch, yaw) are left out: their steps are the
 rotor's vibration, which scales with its speed, and the model catches their
 gross fault. What the check cannot know: a turbine noisy while it learns has
-its noise learned as normal, and a restart learns again. A slot given to
-another turbine starts over.
+its noise learned as normal. The levels outlive a restart in edge-app's
+``learned_file`` and a turbine's slot going to another (``edgeapp.checks``).
 
 Transport-free and vectorised over a chunk of turbines.
 """

@@ -20,9 +20,9 @@ the gusts leave more spread) for ``PERSIST`` scored looks in a row, the
 effect's feature is flagged, and the detector raises its group. Outside the learned
 range nothing is said: the line is not extrapolated.
 
-What it cannot know: a fault present while it learns is learned as normal,
-and a restart of the daemon learns again (the baseline lives in memory). A
-turbine whose slot goes to another turbine starts over.
+What it cannot know: a fault present while it learns is learned as normal.
+The lines outlive a restart in edge-app's ``learned_file`` and a turbine's
+slot going to another (``edgeapp.checks``).
 
 Transport-free and vectorised over a chunk of turbines.
 """
