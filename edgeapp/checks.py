@@ -9,8 +9,9 @@ learned relation to another) and ``edgeapp.noise`` (a slow reading jumping
 about far more than learned).
 
 All keep state per turbine slot, and a slot freed by a silent turbine goes
-to the next new one: ``SlotOwners`` tells a check which slots changed hands
-since it last looked, so it starts those from nothing.
+to the next new one: the detector's one ``SlotOwners`` finds the slots of a
+part that changed hands since the last look (once, for every check), and
+each check starts those from nothing.
 """
 
 from __future__ import annotations
@@ -28,25 +29,34 @@ __all__ = [
     "LearningCheck",
     "Parked",
     "SensorCheck",
+    "Handover",
+    "LearnsPerTurbine",
     "SlotOwners",
     "Snapshot",
     "from_row",
+    "moved_slots",
     "to_row",
 ]
+
+
+Handover = tuple[int, str | None, str]
+"""``(slot, previous turbine or None, turbine)``: a slot now held by another turbine."""
 
 
 class SensorCheck(Protocol):
     def update(
         self,
         slots: NDArray[np.intp],
-        ids: Sequence[str],
+        moves: Sequence[Handover],
         counts: NDArray[np.int64],
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
-        """``(T, 6)`` flagged features of the turbines ``ids`` in ``slots``.
+        """``(T, 6)`` flagged features of the turbines in ``slots``.
 
-        ``features`` is ``(T, n, 6)``, oldest first, the newest ``n`` samples of
-        each slot; ``counts`` how many samples each slot had received then.
+        ``moves``: those of ``slots`` that changed hands since the last look
+        (``SlotOwners.handovers``). ``features`` is ``(T, n, 6)``, oldest
+        first, the newest ``n`` samples of each slot; ``counts`` how many
+        samples each slot had received then.
         """
         ...
 
@@ -73,19 +83,13 @@ class LearningCheck(SensorCheck, Protocol):
 
 
 class SlotOwners:
-    """Which turbine each slot held when a check last looked at it."""
+    """Which turbine each slot held when the checks last looked at it."""
 
     def __init__(self, max_turbines: int) -> None:
         self._ids: list[str | None] = [None] * max_turbines
 
-    def changed(self, slots: NDArray[np.intp], ids: Sequence[str]) -> NDArray[np.intp]:
+    def handovers(self, slots: NDArray[np.intp], ids: Sequence[str]) -> list[Handover]:
         """The slots of ``slots`` now held by another turbine (recorded as theirs now)."""
-        return np.array([slot for slot, _, _ in self.handovers(slots, ids)], dtype=np.intp)
-
-    def handovers(
-        self, slots: NDArray[np.intp], ids: Sequence[str]
-    ) -> list[tuple[int, str | None, str]]:
-        """``(slot, previous turbine, turbine)`` of the slots now held by another turbine."""
         out = []
         for slot, turbine in zip(slots.tolist(), ids, strict=True):
             previous = self._ids[slot]
@@ -94,9 +98,18 @@ class SlotOwners:
                 out.append((slot, previous, turbine))
         return out
 
+    def apply(self, moves: Sequence[Handover]) -> None:
+        """Record handovers found by another ``SlotOwners`` (a check's own record)."""
+        for slot, _, turbine in moves:
+            self._ids[slot] = turbine
+
     def held(self) -> list[tuple[int, str]]:
         """``(slot, turbine)`` of every slot held."""
         return [(slot, turbine) for slot, turbine in enumerate(self._ids) if turbine is not None]
+
+
+def moved_slots(moves: Sequence[Handover]) -> NDArray[np.intp]:
+    return np.array([slot for slot, _, _ in moves], dtype=np.intp)
 
 
 class Parked:
@@ -129,7 +142,9 @@ class Baselines:
     The check supplies how to read slots' baselines as rows (``(k, width)``,
     NaN where nothing is learned), how to forget slots, and how to put a row
     into a slot. ``version`` counts the changes a file of them must follow:
-    the check adds one when it finishes learning turbines.
+    the check adds one when it finishes learning turbines. ``counts`` is the
+    samples each slot had received at the last look (-1: not looked at since
+    it changed hands), for the checks' learning and sliding.
     """
 
     def __init__(
@@ -145,19 +160,30 @@ class Baselines:
         self.owners = SlotOwners(max_turbines)
         self.parked = Parked(4 * max_turbines)
         self.version = 0
+        self.counts = np.full(max_turbines, -1, dtype=np.int64)
         self._rows, self._forget, self._apply = rows, forget, apply
 
-    def hand_over(self, slots: NDArray[np.intp], ids: Sequence[str]) -> None:
+    def look(
+        self, slots: NDArray[np.intp], moves: Sequence[Handover], counts: NDArray[np.int64]
+    ) -> NDArray[np.int64]:
+        """Hand over ``moves``; the slots' counts at their last look (-1: none), then
+        record ``counts`` as this look's."""
+        if moves:
+            self._hand_over(moves)
+        before = self.counts[slots]
+        self.counts[slots] = counts
+        return before
+
+    def _hand_over(self, moves: Sequence[Handover]) -> None:
         """Park the baselines of slots' previous turbines, give the new ones theirs."""
-        moves = self.owners.handovers(slots, ids)
-        if not moves:
-            return
+        self.owners.apply(moves)
         self.version += 1
-        moved = np.array([slot for slot, _, _ in moves], dtype=np.intp)
+        moved = moved_slots(moves)
         values = self._rows(moved)
         for (_, previous, _), row in zip(moves, values, strict=True):
             if previous is not None and not np.isnan(row).all():
                 self.parked.put(previous, to_row(row))
+        self.counts[moved] = -1
         self._forget(moved)
         for slot, _, turbine in moves:
             taken = self.parked.take(turbine)
@@ -179,10 +205,29 @@ class Baselines:
             if len(row) != self.width:
                 raise ValueError(f"{turbine}: {len(row)} values, expected {self.width}")
             if turbine in held:
+                self.counts[held[turbine]] = -1
                 self._forget(np.array([held[turbine]], dtype=np.intp))
                 self._apply(held[turbine], row)
             else:
                 self.parked.put(turbine, row)
+
+
+class LearnsPerTurbine:
+    """What a ``LearningCheck`` answers through its ``Baselines`` (``_baselines``)."""
+
+    _baselines: Baselines
+
+    def baselines(self) -> Snapshot:
+        """Learned baselines by turbine id (``LearningCheck``)."""
+        return self._baselines.snapshot()
+
+    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
+        """Baselines learned before, used when their turbine takes a slot."""
+        self._baselines.restore(baselines)
+
+    @property
+    def version(self) -> int:
+        return self._baselines.version
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from numpy.typing import NDArray
 from edgeagent.capture import AuxEncoding
 from edgeagent.errors import AgentError
 from edgeapp.buffers import TurbineBuffers
-from edgeapp.checks import LearningCheck, SensorCheck
+from edgeapp.checks import LearningCheck, SensorCheck, SlotOwners
 from edgeapp.features import N_FEATURES, means_of_features, score, windows_from_features
 from edgeapp.model_follower import LoadedModel, ModelClient, ModelFollower, ModelStatus
 from edgeapp.noise import NoisySensors
@@ -212,6 +212,7 @@ class Detector:
                 NoisySensors(buffers.max_turbines, noise_learn_samples, noise_limit)
             )
         self._checks.extend(self.learning_checks)
+        self._owners = SlotOwners(buffers.max_turbines)  # for every check, compared once
         self._next_dashboard = -math.inf
         self._label: str | None = None
         self._gathered: NDArray[np.float32] | None = None  # reused gather buffer
@@ -322,9 +323,10 @@ class Detector:
             gathered = self.buffers.gather(slots[part], n, out=buffer[:size])
             gathered_at = self._clock()
             if checked is not None:
+                moves = self._owners.handovers(slots[part], turbines[part])
                 for check in self._checks:
                     checked[part] |= check.update(
-                        slots[part], turbines[part], gathered.count, gathered.features
+                        slots[part], moves, gathered.count, gathered.features
                     )
             windows[part] = windows_from_features(gathered.features, params)
             if means is not None:

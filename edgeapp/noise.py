@@ -32,12 +32,12 @@ Transport-free and vectorised over a chunk of turbines.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import Baselines, Snapshot, from_row
+from edgeapp.checks import Baselines, Handover, LearnsPerTurbine, from_row
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["NOISY_FEATURES", "TAIL", "NoisySensors"]
@@ -51,7 +51,7 @@ TAIL = 11
 _MIN_LOOKS = 20  # looks with a moving reading needed for a level
 
 
-class NoisySensors:
+class NoisySensors(LearnsPerTurbine):
     """Per turbine slot and noisy feature: its learned step level."""
 
     def __init__(self, max_turbines: int, learn: int, limit: float) -> None:
@@ -66,7 +66,6 @@ class NoisySensors:
         self._baselines = Baselines(
             max_turbines, f, rows=self._rows, forget=self._forget, apply=self._apply
         )
-        self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
         self._log_sum = np.zeros((max_turbines, f))
         self._looks = np.zeros((max_turbines, f), dtype=np.int64)
@@ -74,18 +73,6 @@ class NoisySensors:
 
     name = "noise"
     layout = tuple(f"{FEATURES[f]}.level" for f in NOISY_FEATURES)
-
-    def baselines(self) -> Snapshot:
-        """Learned levels by turbine id (``edgeapp.checks.LearningCheck``)."""
-        return self._baselines.snapshot()
-
-    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
-        """Levels learned before, used when their turbine takes a slot."""
-        self._baselines.restore(baselines)
-
-    @property
-    def version(self) -> int:
-        return self._baselines.version
 
     def _rows(self, slots: NDArray[np.intp]) -> NDArray[np.float64]:
         rows: NDArray[np.float64] = self._level[slots]
@@ -102,18 +89,16 @@ class NoisySensors:
     def update(
         self,
         slots: NDArray[np.intp],
-        ids: Sequence[str],
+        moves: Sequence[Handover],
         counts: NDArray[np.int64],
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
         """``(T, 6)`` readings far noisier than learned (``edgeapp.checks.SensorCheck``)."""
-        self._baselines.hand_over(slots, ids)
+        before = self._baselines.look(slots, moves, counts)
         tail = features[:, -min(TAIL, features.shape[1]) :, self._features].astype(np.float64)
         steps = np.diff(tail, axis=1)
         measure = np.sqrt(np.mean(steps * steps, axis=1))  # (T, noisy features)
-        before = self._count[slots]
         arrived = np.where(before >= 0, np.maximum(counts - before, 0), features.shape[1])
-        self._count[slots] = counts
         level = self._level[slots]
         learning = np.isnan(level).any(axis=1)
         if learning.any():
@@ -126,7 +111,6 @@ class NoisySensors:
 
     def _forget(self, slots: NDArray[np.intp]) -> None:
         """Slots now holding another turbine start from nothing."""
-        self._count[slots] = -1
         self._learned[slots] = 0
         self._log_sum[slots] = 0.0
         self._looks[slots] = 0

@@ -29,12 +29,12 @@ Transport-free and vectorised over a chunk of turbines.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import Baselines, Snapshot, from_row
+from edgeapp.checks import Baselines, Handover, LearnsPerTurbine, from_row
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["PERSIST", "RELATIONS", "WINDOW", "Relations"]
@@ -56,7 +56,7 @@ _MIN_LOOKS = 20  # a line needs this many looks to be fitted
 _RESUM = 120  # looks a window's sums are slid before they are summed in full again
 
 
-class Relations:
+class Relations(LearnsPerTurbine):
     """Per turbine slot: the learned lines, their ranges, and how long each was departed from."""
 
     def __init__(self, max_turbines: int, learn: int, tolerances: Sequence[float]) -> None:
@@ -73,7 +73,6 @@ class Relations:
         self._baselines = Baselines(
             max_turbines, 5 * r, rows=self._rows, forget=self._forget, apply=self._apply
         )
-        self._count = np.full(max_turbines, -1, dtype=np.int64)
         self._learned = np.zeros(max_turbines, dtype=np.int64)  # samples learned from
         self._sums = np.zeros((max_turbines, r, 5))  # looks, x, y, xx, xy
         self._lo = np.full((max_turbines, r), np.inf)
@@ -94,18 +93,6 @@ class Relations:
         for cause, effect, _ in RELATIONS
         for part in ("slope", "intercept", "low", "high", "floor")
     )
-
-    def baselines(self) -> Snapshot:
-        """Learned lines by turbine id (``edgeapp.checks.LearningCheck``)."""
-        return self._baselines.snapshot()
-
-    def restore(self, baselines: Mapping[str, Sequence[float | None]]) -> None:
-        """Lines learned before, used when their turbine takes a slot."""
-        self._baselines.restore(baselines)
-
-    @property
-    def version(self) -> int:
-        return self._baselines.version
 
     def _rows(self, slots: NDArray[np.intp]) -> NDArray[np.float64]:
         line = self._line[slots]  # (k, r, 2)
@@ -131,20 +118,18 @@ class Relations:
     def update(
         self,
         slots: NDArray[np.intp],
-        ids: Sequence[str],
+        moves: Sequence[Handover],
         counts: NDArray[np.int64],
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
         """``(T, 6)`` effects departed from their line (``edgeapp.checks.SensorCheck``)."""
-        self._baselines.hand_over(slots, ids)
+        before = self._baselines.look(slots, moves, counts)
         size = min(WINDOW, features.shape[1])
-        before = self._count[slots]
         sums, squares = self._window_sums(slots, counts - before, before >= 0, features)
         x, y = sums[:, self._cause] / size, sums[:, self._effect] / size  # (T, relations)
         variance = squares[:, self._cause] / size - x * x
         steady = variance <= (self._steadiness * x) ** 2
         arrived = np.where(before >= 0, np.maximum(counts - before, 0), size)
-        self._count[slots] = counts
         learning = np.isnan(self._line[slots, :, 0])  # (T, relations)
         if learning.any():
             self._learn(slots, learning=learning, steady=steady, x=x, y=y, arrived=arrived)
@@ -227,7 +212,6 @@ class Relations:
     def _forget(self, slots: NDArray[np.intp]) -> None:
         """Slots now holding another turbine start from nothing."""
         self._slid[slots] = -1
-        self._count[slots] = -1
         self._learned[slots] = 0
         self._sums[slots] = 0.0
         self._lo[slots] = np.inf

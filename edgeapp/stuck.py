@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from edgeapp.checks import SlotOwners
+from edgeapp.checks import Handover, moved_slots
 from edgeapp.features import FEATURES, N_FEATURES
 
 __all__ = ["ZERO_AT_REST", "StuckSensors"]
@@ -49,7 +49,6 @@ class StuckSensors:
         if after < 2:
             raise ValueError(f"a flat line needs at least 2 samples, got {after}")
         self.after = after
-        self._owners = SlotOwners(max_turbines)
         self._count = np.full(max_turbines, -1, dtype=np.int64)  # -1: never looked
         self._held = np.zeros((max_turbines, N_FEATURES), dtype=np.int64)
         self._last = np.zeros((max_turbines, N_FEATURES), dtype=np.float32)
@@ -59,7 +58,7 @@ class StuckSensors:
     def update(
         self,
         slots: NDArray[np.intp],
-        ids: Sequence[str],
+        moves: Sequence[Handover],
         counts: NDArray[np.int64],
         features: NDArray[np.float32],
     ) -> NDArray[np.bool_]:
@@ -68,7 +67,8 @@ class StuckSensors:
         Turbines looked at last time read only the samples since (a tick's
         10, not the window's 100-odd); the others read the whole window.
         """
-        self._count[self._owners.changed(slots, ids)] = -1
+        if moves:
+            self._count[moved_slots(moves)] = -1
         n = features.shape[1]
         newest = features[:, -1, :]  # (T, 6)
         before = self._count[slots]

@@ -24,12 +24,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import paho.mqtt.client as paho
+from numpy.typing import NDArray
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.client import AgentClient
+from edgeapp.checks import SensorCheck, SlotOwners
 from edgeapp.features import RAW_FIELDS
 
 # re-exported: the edge-app tests import these from here
@@ -560,3 +563,21 @@ def cleanup_dir(path: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the checks, looked at
+
+_OWNERS: WeakKeyDictionary[SensorCheck, SlotOwners] = WeakKeyDictionary()
+
+
+def check_update(
+    check: SensorCheck,
+    slots: NDArray[np.intp],
+    ids: Sequence[str],
+    counts: NDArray[np.int64],
+    features: NDArray[np.float32],
+) -> NDArray[np.bool_]:
+    """``check.update`` as the detector calls it: slot handovers found by a ``SlotOwners``
+    (one per check here; the detector's one is shared by its checks)."""
+    owners = _OWNERS.setdefault(check, SlotOwners(1024))
+    return check.update(slots, owners.handovers(slots, ids), counts, features)

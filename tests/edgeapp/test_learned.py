@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeapp_harness import MODEL, Listener, Received, Sensors, Stack, StartApp
+from edgeapp_harness import MODEL, Listener, Received, Sensors, Stack, StartApp, check_update
 
 from edgeapp.checks import LearningCheck
 from edgeapp.features import FEATURES
@@ -40,7 +40,7 @@ def run(
     for count in range(start, end + 1, 10):
         counts = np.full(len(ids), count, np.int64)
         for check in checks:
-            check.update(slots, ids, counts, data[:, count - N : count])
+            check_update(check, slots, ids, counts, data[:, count - N : count])
 
 
 def new_checks(learn: int) -> list[LearningCheck]:
@@ -77,7 +77,7 @@ def test_baselines_written_read_back_and_used_at_once(tmp_path: Path) -> None:
     for count in range(N, 4000 + 1, 10):
         counts = np.full(3, count, np.int64)
         for check in again:
-            flagged |= check.update(slots, order, counts, later[:, count - N : count])
+            flagged |= check_update(check, slots, order, counts, later[:, count - N : count])
     assert flagged[0, VOLTAGE] and flagged[1, VOLTAGE] and not flagged[2].any()
     relations, noise = again
     assert isinstance(relations, Relations) and isinstance(noise, NoisySensors)

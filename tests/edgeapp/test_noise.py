@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeapp_harness import check_update
 from numpy.typing import NDArray
 
 from edgeapp.features import FEATURES, raw_to_features
@@ -31,7 +32,7 @@ class Farm:
         new = raw_to_features(self.gen.step(STEP).raw()).astype(np.float32)
         self.features = np.concatenate([self.features[:, STEP:], new], axis=1)
         counts = np.full(len(self.ids), int(self.gen.t * 20 + 0.5), dtype=np.int64)
-        return self.check.update(self.slots, self.ids, counts, self.features)
+        return check_update(self.check, self.slots, self.ids, counts, self.features)
 
     def run(self, seconds: float) -> NDArray[np.bool_]:
         """``(T, looks, 6)`` over ``seconds``."""
@@ -79,7 +80,9 @@ def look_along(
 ) -> NDArray[np.bool_]:
     slots = np.zeros(1, dtype=np.intp)
     flags = [
-        check.update(slots, [turbine], np.array([count], np.int64), data[None, count - N : count])
+        check_update(
+            check, slots, [turbine], np.array([count], np.int64), data[None, count - N : count]
+        )
         for count in range(start, end + 1, STEP)
     ]
     return np.stack(flags, axis=1)[0]  # (looks, 6)

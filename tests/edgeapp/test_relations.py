@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeapp_harness import check_update
 from numpy.typing import NDArray
 
+from edgeapp.checks import SlotOwners
 from edgeapp.features import FEATURES
 from edgeapp.relations import PERSIST, Relations
 from edgeapp.settings import AppSettings
@@ -35,7 +37,9 @@ def look_all(
     counts, flags = [], []
     for count in range(start, end + 1, STEP):
         window = np.stack([s[count - N : count] for s in streams])
-        flags.append(check.update(slots, ids, np.full(len(streams), count, np.int64), window))
+        flags.append(
+            check_update(check, slots, ids, np.full(len(streams), count, np.int64), window)
+        )
         counts.append(count)
     return counts, np.stack(flags, axis=1)  # (T, looks, 6)
 
@@ -98,13 +102,13 @@ def test_slid_window_sums_equal_the_window_summed_in_full() -> None:
     check = Relations(turbines, learn=LEARN, tolerances=(0.05, 0.08))
     slots = np.arange(turbines, dtype=np.intp)
     ids = [f"t{i}" for i in range(turbines)]
+    owners = SlotOwners(turbines)
     counts = np.full(turbines, N, dtype=np.int64)
     for look in range(1500):
         window = np.stack([data[t, c - N : c] for t, c in enumerate(counts)])
-        sums, squares = check._window_sums(
-            slots, counts - check._count[slots], check._count[slots] >= 0, window
-        )
-        check._count[slots] = counts
+        # as Relations.update does
+        before = check._baselines.look(slots, owners.handovers(slots, ids), counts)
+        sums, squares = check._window_sums(slots, counts - before, before >= 0, window)
         full = window[:, -400:].astype(np.float64)
         np.testing.assert_allclose(sums, full.sum(axis=1) * used_mask(), rtol=1e-12)
         np.testing.assert_allclose(squares, (full * full).sum(axis=1) * used_mask(), rtol=1e-12)
@@ -114,7 +118,6 @@ def test_slid_window_sums_equal_the_window_summed_in_full() -> None:
             counts[look % turbines] = N + rng.integers(0, 50)  # its buffer started over
         if look % 131 == 0:
             ids[look % turbines] = f"new{look}"  # another turbine took the slot
-            check._baselines.hand_over(slots, ids)
         if counts.min() >= length:
             break
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeapp_harness import check_update
 from numpy.typing import NDArray
 
 from edgeapp.features import FEATURES
@@ -33,7 +34,7 @@ def looks(
         features = np.stack([s[count - N : count] for s in streams])
         counts = np.full(len(streams), count, dtype=np.int64)
         ids = [f"t{i}" for i in range(len(streams))]
-        out.append(check.update(slots, ids, counts, features))
+        out.append(check_update(check, slots, ids, counts, features))
     return out
 
 
@@ -81,7 +82,7 @@ def test_a_restarted_buffer_or_a_long_gap_starts_the_count_again() -> None:
 
     def look(count: int) -> bool:
         features = held[None, count - N : count]
-        return bool(check.update(slot, ["t"], np.array([count], np.int64), features)[0, RPS])
+        return bool(check_update(check, slot, ["t"], np.array([count], np.int64), features)[0, RPS])
 
     assert not look(110) and not look(190)  # 110, then 190 held
     assert look(200)
@@ -113,7 +114,9 @@ def test_a_slot_given_to_another_turbine_starts_the_count_again() -> None:
 
     def look(turbine: str, count: int) -> bool:
         features = frozen[None, count - N : count]
-        return bool(check.update(slot, [turbine], np.array([count], np.int64), features)[0, RPS])
+        return bool(
+            check_update(check, slot, [turbine], np.array([count], np.int64), features)[0, RPS]
+        )
 
     assert not look("a", 110) and not look("a", 190)  # 190 held by turbine a
     # the slot goes to turbine b, 10 samples on: b's run starts with its window (110),
